@@ -1,0 +1,20 @@
+"""daskserve: scalable, programmable model serving on Dask distributed."""
+from .api import (connect, create_backend, create_endpoint, delete_backend,
+                  delete_endpoint, get_backend_config, get_handle, list_backends,
+                  list_endpoints, set_traffic, shadow_traffic, shutdown, start,
+                  update_backend_config)
+from .batching import accept_batch
+from .client import ServeClient
+from .config import BackendConfig
+from .context import get_replica_context
+from .handle import AsyncServeHandle, ServeHandle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncServeHandle", "BackendConfig", "ServeClient", "ServeHandle", "accept_batch",
+    "connect", "create_backend", "create_endpoint", "delete_backend", "delete_endpoint",
+    "get_backend_config", "get_handle", "get_replica_context", "list_backends",
+    "list_endpoints", "set_traffic", "shadow_traffic", "shutdown", "start",
+    "update_backend_config",
+]

@@ -1,0 +1,85 @@
+"""Module-level API: ``serve.start``, ``serve.connect`` and functions acting on the
+most recently started or connected instance (or, inside a replica, on the
+instance that replica belongs to).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+from distributed import Client, LocalCluster, get_client
+
+from .client import ServeClient
+from .config import HTTPOptions
+from .context import current_replica
+
+_current: ServeClient | None = None
+
+
+def start(dask_client: Client | None = None,
+          http_options: Mapping[str, Any] | None = None) -> ServeClient:
+    """Install the controller on the cluster's scheduler (idempotent) and connect.
+
+    With no ``dask_client`` a ``LocalCluster`` is started and owned by the returned
+    client: ``shutdown()`` closes it too.
+    """
+    from scheduler_plugin import PLUGIN_NAME, ServeController
+
+    options = HTTPOptions.coerce(http_options)
+    owns_cluster = dask_client is None
+    if dask_client is None:
+        dask_client = Client(LocalCluster(processes=True, threads_per_worker=1,
+                                          dashboard_address=":0"))
+    dask_client.register_plugin(ServeController(options.to_dict()), name=PLUGIN_NAME)
+    return _set_current(ServeClient(dask_client, owns_cluster=owns_cluster))
+
+
+def connect(dask_client: Client | None = None) -> ServeClient:
+    """Attach to a running instance; inside a replica, to that replica's instance."""
+    if dask_client is None:
+        dask_client = get_client() if current_replica() is not None else Client.current()
+    return _set_current(ServeClient(dask_client))
+
+
+def _set_current(client: ServeClient) -> ServeClient:
+    global _current
+    _current = client
+    return client
+
+
+def _client() -> ServeClient:
+    if _current is not None and _current.dask_client.status not in ("closed", "closing"):
+        return _current
+    if current_replica() is not None:
+        return connect()
+    raise RuntimeError("no serve instance: call serve.start(...) or serve.connect(...) first")
+
+
+def _forward(name: str) -> Callable:
+    method = getattr(ServeClient, name)
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(_client(), name)(*args, **kwargs)
+
+    return call
+
+
+create_backend = _forward("create_backend")
+list_backends = _forward("list_backends")
+get_backend_config = _forward("get_backend_config")
+update_backend_config = _forward("update_backend_config")
+delete_backend = _forward("delete_backend")
+create_endpoint = _forward("create_endpoint")
+delete_endpoint = _forward("delete_endpoint")
+list_endpoints = _forward("list_endpoints")
+set_traffic = _forward("set_traffic")
+shadow_traffic = _forward("shadow_traffic")
+get_handle = _forward("get_handle")
+
+
+def shutdown() -> None:
+    """Shut down the current instance and forget it."""
+    global _current
+    _client().shutdown()
+    _current = None

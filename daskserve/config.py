@@ -1,0 +1,241 @@
+"""Validated configuration objects.
+
+Everything a user can configure passes through here once, at the API boundary, so
+that a typo or a wrong type is reported by field name before it reaches the
+controller or a replica. The controller only ever sees plain dicts produced by
+``to_dict`` (msgpack-friendly), never these classes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+import cloudpickle
+
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
+HTTP_LOCATIONS = ("HeadOnly", "EveryNode", "NoServer")
+
+
+def _check_type(name: str, value: Any, types: tuple[type, ...], what: str) -> None:
+    if isinstance(value, bool) and bool not in types:
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    if not isinstance(value, types):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+
+
+def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False,
+                  allow_equal: bool = True) -> None:
+    _check_type(name, value, (int,) if integer else (int, float),
+                "an integer" if integer else "a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if value < minimum or (value == minimum and not allow_equal):
+        bound = ">=" if allow_equal else ">"
+        raise ValueError(f"{name} must be {bound} {minimum}, got {value!r}")
+
+
+def _reject_unknown(kind: str, given: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} field(s) {unknown}; valid fields are {sorted(known)}"
+        )
+
+
+@dataclass
+class BackendConfig:
+    """How a backend's replicas behave: count, batching, concurrency, user config.
+
+    Validation happens in ``__post_init__`` and again on every ``update`` so a
+    partially updated config can never hold an invalid combination.
+    """
+
+    num_replicas: int = 1
+    max_batch_size: int | None = None
+    batch_wait_timeout: float = 0.0
+    max_concurrent_queries: int = 100
+    user_config: Any = None
+
+    def __post_init__(self) -> None:
+        _check_number("num_replicas", self.num_replicas, minimum=0, integer=True)
+        if self.max_batch_size is not None:
+            _check_number("max_batch_size", self.max_batch_size, minimum=1, integer=True)
+        _check_number("batch_wait_timeout", self.batch_wait_timeout, minimum=0)
+        _check_number("max_concurrent_queries", self.max_concurrent_queries,
+                      minimum=1, integer=True)
+        if self.max_batch_size is not None and self.max_batch_size > self.max_concurrent_queries:
+            # A batch can only fill with requests the router lets through; refusing
+            # beats silently capping every batch at the concurrency limit.
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) exceeds max_concurrent_queries "
+                f"({self.max_concurrent_queries}): batches could never fill; raise "
+                f"max_concurrent_queries to at least {self.max_batch_size}"
+            )
+
+    @classmethod
+    def coerce(cls, value: "BackendConfig | Mapping[str, Any] | None") -> "BackendConfig":
+        """Accept a ``BackendConfig``, a dict of its fields, or ``None`` (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return cls(**asdict(value))
+        if isinstance(value, Mapping):
+            _reject_unknown("BackendConfig", value, {f.name for f in fields(cls)})
+            return cls(**value)
+        raise TypeError(
+            f"config must be a BackendConfig or a dict, got {type(value).__name__}"
+        )
+
+    def updated(self, changes: "BackendConfig | Mapping[str, Any]") -> "BackendConfig":
+        """A new config with ``changes`` applied; a full ``BackendConfig`` replaces all."""
+        if isinstance(changes, BackendConfig):
+            return BackendConfig.coerce(changes)
+        if not isinstance(changes, Mapping):
+            raise TypeError(
+                f"config must be a BackendConfig or a dict, got {type(changes).__name__}"
+            )
+        _reject_unknown("BackendConfig", changes, {f.name for f in fields(self)})
+        return BackendConfig(**{**asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_wire(self) -> dict[str, Any]:
+        """A msgpack-safe dict; ``user_config`` may be any Python object, so it is
+        pickled here, by the trusted Python caller, and unpickled only in replicas
+        and clients — never by the controller."""
+        wire = asdict(self)
+        wire["user_config"] = cloudpickle.dumps(self.user_config)
+        return wire
+
+    @classmethod
+    def validate_wire(cls, wire: Mapping[str, Any]) -> None:
+        """Check a wire-form config without unpickling its ``user_config``."""
+        if not isinstance(wire, Mapping) or not isinstance(wire.get("user_config"), bytes):
+            raise TypeError("config must be a BackendConfig in wire form")
+        _reject_unknown("BackendConfig", wire, {f.name for f in fields(cls)})
+        cls(**{**wire, "user_config": None})
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> "BackendConfig":
+        return cls(**{**wire, "user_config": cloudpickle.loads(wire["user_config"])})
+
+
+@dataclass
+class ReplicaOptions:
+    """Where a replica may run and what it holds there (Dask worker resources)."""
+
+    num_cpus: float = 1
+    num_gpus: float = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    env: Any = None
+
+    def __post_init__(self) -> None:
+        _check_number("replica_options.num_cpus", self.num_cpus, minimum=0)
+        _check_number("replica_options.num_gpus", self.num_gpus, minimum=0)
+        _check_type("replica_options.resources", self.resources, (dict,), "a dict")
+        for name, amount in self.resources.items():
+            _check_type("replica_options.resources key", name, (str,), "a string")
+            if name in ("CPU", "GPU"):
+                raise ValueError(
+                    f"replica_options.resources must not name {name!r}; "
+                    f"use num_{name.lower()}s instead"
+                )
+            _check_number(f"replica_options.resources[{name!r}]", amount, minimum=0)
+        _check_type("replica_options.env_vars", self.env_vars, (dict,), "a dict")
+        for key, val in self.env_vars.items():
+            _check_type("replica_options.env_vars key", key, (str,), "a string")
+            _check_type(f"replica_options.env_vars[{key!r}]", val, (str,), "a string")
+
+    @classmethod
+    def coerce(cls, value: Mapping[str, Any] | None) -> "ReplicaOptions":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"replica_options must be a dict, got {type(value).__name__}"
+            )
+        _reject_unknown("replica_options", value, {f.name for f in fields(cls)})
+        return cls(**value)
+
+    def demand(self) -> dict[str, float]:
+        """The worker resources one replica reserves for its whole lifetime."""
+        need = {"CPU": float(self.num_cpus), "GPU": float(self.num_gpus)}
+        need.update({k: float(v) for k, v in self.resources.items()})
+        return {k: v for k, v in need.items() if v > 0}
+
+    def environment(self) -> dict[str, str]:
+        """Environment variables for the replica; OMP follows the CPU share."""
+        env = {"OMP_NUM_THREADS": str(max(1, math.ceil(self.num_cpus)))}
+        env.update(self.env_vars)
+        return env
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                "resources": dict(self.resources), "env_vars": dict(self.env_vars)}
+
+
+@dataclass
+class HTTPOptions:
+    """Where proxies listen and the limits they enforce on every request."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    location: str | None = "HeadOnly"
+    max_body_size: int = 100 * 1024 * 1024
+    request_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_type("http_options.host", self.host, (str,), "a string")
+        _check_number("http_options.port", self.port, minimum=0, integer=True)
+        if self.port > 65535:
+            raise ValueError(f"http_options.port must be <= 65535, got {self.port}")
+        if self.location is None:
+            self.location = "NoServer"
+        if self.location not in HTTP_LOCATIONS:
+            raise ValueError(
+                f"http_options.location must be one of {list(HTTP_LOCATIONS)} or None, "
+                f"got {self.location!r}"
+            )
+        _check_number("http_options.max_body_size", self.max_body_size, minimum=1,
+                      integer=True)
+        if self.request_timeout_s is not None:
+            _check_number("http_options.request_timeout_s", self.request_timeout_s,
+                          minimum=0, allow_equal=False)
+
+    @classmethod
+    def coerce(cls, value: Mapping[str, Any] | None) -> "HTTPOptions":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"http_options must be a dict, got {type(value).__name__}")
+        _reject_unknown("http_options", value, {f.name for f in fields(cls)})
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def normalize_methods(methods: Any) -> list[str]:
+    """Upper-case and check HTTP method names so routing compares exact strings."""
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, (list, tuple, set, frozenset)) or not methods:
+        raise TypeError(f"methods must be a non-empty list of HTTP methods, got {methods!r}")
+    out = []
+    for m in methods:
+        if not isinstance(m, str) or m.upper() not in HTTP_METHODS:
+            raise ValueError(
+                f"unknown HTTP method {m!r}; valid methods are {sorted(HTTP_METHODS)}"
+            )
+        if m.upper() not in out:
+            out.append(m.upper())
+    return out

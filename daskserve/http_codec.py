@@ -1,0 +1,87 @@
+"""How an HTTP request and its response travel between proxy and replica.
+
+Both directions are plain msgpack-native values (dicts, lists, bytes, ints), never
+pickles: the proxy must not turn bytes from the network into Python objects, and
+the replica builds the Starlette ``Request`` only where the user's code runs.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+# A response on the wire: [status, [[name, value], ...], body].
+WireResponse = list
+
+
+def encode_request(method: str, path: str, query: str, headers: list[tuple[str, str]],
+                   body: bytes, client: tuple[str, int] | None) -> dict[str, Any]:
+    return {"method": method, "path": path, "query": query, "headers": headers,
+            "body": body, "client": list(client) if client else None}
+
+
+class _ReceivedRequest(Request):
+    """A Starlette request whose body already arrived in full at the proxy."""
+
+    def __init__(self, scope: dict, body: bytes):
+        super().__init__(scope)
+        self._body = body
+
+
+def build_request(wire: dict[str, Any]) -> Request:
+    """Turn the wire form back into the Starlette ``Request`` user code expects."""
+    path = wire["path"]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": wire["method"],
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": wire["query"].encode(),
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                    for k, v in wire["headers"]],
+        "client": tuple(wire["client"]) if wire["client"] else None,
+        "server": None,
+        "path_params": {},
+    }
+    return _ReceivedRequest(scope, wire["body"])
+
+
+def _json_default(value: Any) -> Any:
+    # Arrays and tensors from numerical libraries expose ``tolist``; sets become lists.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def encode_result(value: Any) -> WireResponse:
+    """A handler's return value as a response: Response as is, str as text, else JSON."""
+    if isinstance(value, Response):
+        if not hasattr(value, "body"):
+            raise TypeError(
+                f"{type(value).__name__} has no body; streaming responses are not supported"
+            )
+        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in value.raw_headers]
+        return [value.status_code, headers, bytes(value.body)]
+    if isinstance(value, str):
+        return [200, [["content-type", "text/plain; charset=utf-8"]], value.encode()]
+    body = json.dumps(value, default=_json_default).encode()
+    return [200, [["content-type", "application/json"]], body]
+
+
+def error_response(status: int, error: str, message: str, **extra: Any) -> WireResponse:
+    """A JSON error body that names what went wrong, used for every non-2xx reply."""
+    body = json.dumps({"error": error, "message": message, **extra}).encode()
+    return [status, [["content-type", "application/json"]], body]
+
+
+def exception_response(exc: BaseException, backend: str, replica: str) -> WireResponse:
+    return error_response(500, type(exc).__name__, str(exc), backend=backend,
+                          replica=replica)

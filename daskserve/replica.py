@@ -1,0 +1,222 @@
+"""The replica: one copy of a backend's user code, living as a Dask actor.
+
+Dask gives the replica its placement, lifetime and identity (an actor key on a
+worker). Requests do not use ``actor_execute`` though: routers call the worker
+handlers in ``fast_path``, which find this object in the worker's actor table and
+hand it whole coalesced messages. That keeps the hot path free of per-argument
+pickling and of the actor thread hop, which DESIGN.md measured as the difference
+between a quarter and all of plain Tornado's throughput.
+
+Async user code runs on the worker's event loop; sync user code runs in a thread
+pool the replica owns, so a slow model never blocks the loop that serves other
+replicas and Dask's own heartbeats.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import importlib
+import inspect
+import logging
+import os
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cloudpickle
+from distributed import get_worker
+
+from . import context, fast_path
+from .batching import BatchQueue, accepts_batch
+from .config import BackendConfig
+from .handle import register_home
+from .http_codec import WireResponse, build_request, encode_result, exception_response
+
+logger = logging.getLogger(__name__)
+
+
+def import_attr(path: str) -> Any:
+    """Import ``"package.module.Name"`` on the worker (the caller may lack it)."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"import path {path!r} must look like 'package.module.Name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import backend {path!r}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+@dataclass
+class _Method:
+    fn: Callable
+    is_async: bool
+    batch: BatchQueue | None
+
+
+class Replica:
+    """Wraps the user's function or class instance and executes requests for it."""
+
+    def __init__(self, backend_tag: str, replica_tag: str, spec: bytes,
+                 config: dict[str, Any], env_vars: dict[str, str]):
+        worker = get_worker()
+        self.context = context.ReplicaContext(backend_tag, replica_tag,
+                                              worker.scheduler.address)
+        self._loop: asyncio.AbstractEventLoop = worker.loop.asyncio_loop
+        # Handles used by this backend (model composition) route from this worker.
+        register_home(worker.scheduler.address, worker.rpc, self._loop)
+        # Worker processes are shared, so these apply to the whole process; replicas
+        # that need true isolation use a packed environment.
+        os.environ.update(env_vars)
+        target, init_args = cloudpickle.loads(spec)
+        if isinstance(target, str):
+            target = import_attr(target)
+        self._is_class = inspect.isclass(target)
+        if not self._is_class and not callable(target):
+            raise TypeError(f"backend {backend_tag!r} must be a function or a class, "
+                            f"got {type(target).__name__}")
+        token = context.enter(self.context)
+        try:
+            self._user = target(*init_args) if self._is_class else target
+        finally:
+            context.leave(token)
+        self._config = BackendConfig.from_wire(config)
+        self._pool = self._new_pool()
+        self._methods: dict[str, _Method] = {}
+        self.in_flight = 0
+        self.draining = False
+        self._idle: asyncio.Event | None = None
+        if self._config.max_batch_size is not None and not self._method("__call__").batch:
+            raise ValueError(
+                f"backend {backend_tag!r} sets max_batch_size but its handler is not "
+                f"decorated with @serve.accept_batch"
+            )
+        if self._config.user_config is not None:
+            # Runs on the worker loop so async ``reconfigure`` works too.
+            asyncio.run_coroutine_threadsafe(
+                self._reconfigure(self._config.user_config), self._loop).result()
+        fast_path.install(worker)
+
+    def _new_pool(self) -> ThreadPoolExecutor:
+        # Threads start lazily, so the limit costs nothing until requests need it.
+        return ThreadPoolExecutor(max_workers=self._config.max_concurrent_queries,
+                                  thread_name_prefix=f"daskserve-{self.context.replica_tag}")
+
+    # -- resolving user callables ------------------------------------------------
+    def _method(self, name: str) -> _Method:
+        method = self._methods.get(name)
+        if method is not None:
+            return method
+        tag = self.context.backend_tag
+        if self._is_class:
+            if name.startswith("_") and name != "__call__":
+                raise AttributeError(f"backend {tag!r} does not expose private method {name!r}")
+            fn = getattr(self._user, name, None)
+            if fn is None or not callable(fn):
+                raise AttributeError(f"backend {tag!r} has no method {name!r}")
+        elif name == "__call__":
+            fn = self._user
+        else:
+            raise AttributeError(f"backend {tag!r} is a function; it has no method {name!r}")
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None))
+        method = _Method(fn, is_async, None)
+        if accepts_batch(fn):
+            size = self._config.max_batch_size or 1
+            method.batch = BatchQueue(functools.partial(self._invoke, method),
+                                      size, self._config.batch_wait_timeout)
+        self._methods[name] = method
+        return method
+
+    async def _invoke(self, method: _Method, *args: Any, **kwargs: Any) -> Any:
+        if method.is_async:
+            return await method.fn(*args, **kwargs)
+        call = functools.partial(contextvars.copy_context().run, method.fn, *args, **kwargs)
+        return await self._loop.run_in_executor(self._pool, call)
+
+    async def _run(self, name: str, args: tuple, kwargs: dict) -> Any:
+        method = self._method(name)
+        if method.batch is None:
+            return await self._invoke(method, *args, **kwargs)
+        if kwargs or len(args) != 1:
+            raise TypeError(
+                f"backend {self.context.backend_tag!r} batches its inputs: each call must "
+                f"pass exactly one positional argument (got {len(args)} and {len(kwargs)} "
+                f"keyword arguments)"
+            )
+        return await method.batch.submit(args[0])
+
+    # -- requests ---------------------------------------------------------------
+    async def _serve_http(self, wire: dict) -> WireResponse:
+        try:
+            return encode_result(await self._run("__call__", (build_request(wire),), {}))
+        except Exception as exc:
+            logger.info("backend %s raised on HTTP request", self.context.backend_tag,
+                        exc_info=True)
+            return exception_response(exc, self.context.backend_tag, self.context.replica_tag)
+
+    async def _serve_call(self, name: str, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        try:
+            return True, await self._run(name, args, kwargs)
+        except Exception as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"raised in backend {self.context.backend_tag!r}, replica "
+                             f"{self.context.replica_tag!r}:\n{traceback.format_exc()}")
+            return False, exc
+
+    async def handle(self, http: list[dict], calls: list[tuple]) -> tuple[list, list]:
+        """Execute one coalesced message: HTTP requests and handle calls together."""
+        count = len(http) + len(calls)
+        self.in_flight += count
+        token = context.enter(self.context)
+        try:
+            work = [self._serve_http(w) for w in http]
+            work += [self._serve_call(name, args, kwargs) for name, args, kwargs in calls]
+            results = await asyncio.gather(*work)
+        finally:
+            context.leave(token)
+            self.in_flight -= count
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
+        return results[: len(http)], results[len(http):]
+
+    # -- lifecycle --------------------------------------------------------------
+    async def _reconfigure(self, user_config: Any) -> None:
+        hook = getattr(self._user, "reconfigure", None) if self._is_class else None
+        if hook is None:
+            raise ValueError(
+                f"backend {self.context.backend_tag!r} got a user_config but defines no "
+                f"reconfigure(user_config) method"
+            )
+        token = context.enter(self.context)
+        try:
+            await self._invoke(_Method(hook, inspect.iscoroutinefunction(hook), None),
+                               user_config)
+        finally:
+            context.leave(token)
+
+    async def update_config(self, config: dict[str, Any], reconfigure: bool) -> None:
+        """Apply a new BackendConfig; ``reconfigure`` says user_config changed."""
+        new = BackendConfig.from_wire(config)
+        old, self._config = self._config, new
+        if (new.max_batch_size, new.batch_wait_timeout) != (old.max_batch_size,
+                                                            old.batch_wait_timeout):
+            self._methods.clear()
+        if new.max_concurrent_queries != old.max_concurrent_queries:
+            old_pool, self._pool = self._pool, self._new_pool()
+            old_pool.shutdown(wait=False)  # calls already running there finish
+        if reconfigure:
+            await self._reconfigure(new.user_config)
+
+    async def drain(self) -> None:
+        """Stop taking requests and return once every in-flight one has finished."""
+        self.draining = True
+        if self.in_flight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,298 @@
+"""The router shared by HTTP proxies and handles.
+
+It holds the routing table the controller pushes (endpoints, traffic policies,
+replicas of each backend) and turns a request into a query on one replica:
+weighted or shard-keyed backend choice, shadow copies, a replica picked by the
+power of two choices among those under ``max_concurrent_queries``, and a wait
+queue per backend when every replica is full. Each step is O(1) in the number of
+endpoints, backends and replicas.
+
+A router lives on one event loop (the proxy's, a worker's or a Dask client's) and
+learns table changes by long-polling the controller; a new table is swapped in
+whole, so in-flight queries are never dropped by a traffic or replica change.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections import deque
+from typing import Any
+
+from distributed.core import ConnectionPool
+
+from .errors import EndpointNotFoundError, ServeError
+from .http_codec import WireResponse, error_response
+from .replica_link import ReplicaLink
+from .traffic import TrafficPolicy
+
+logger = logging.getLogger(__name__)
+
+LISTEN = "daskserve_listen"
+MAX_ATTEMPTS = 20
+
+
+class Query:
+    """One request on its way to a replica: an HTTP message or a handle call."""
+
+    __slots__ = ("endpoint", "backend", "wire", "method", "args", "kwargs", "shard_key",
+                 "future", "excluded", "attempts")
+
+    def __init__(self, endpoint: str, *, wire: dict | None = None, method: str = "__call__",
+                 args: tuple = (), kwargs: dict | None = None, shard_key: Any = None,
+                 future: asyncio.Future | None = None):
+        self.endpoint = endpoint
+        self.backend: str | None = None
+        self.wire = wire
+        self.method = method
+        self.args = args
+        self.kwargs = kwargs or {}
+        self.shard_key = shard_key
+        self.future = future  # None for shadow copies: nobody waits for them
+        self.excluded: set[str] = set()
+        self.attempts = 0
+
+    def shadow_copy(self, backend: str) -> "Query":
+        copy = Query(self.endpoint, wire=self.wire, method=self.method, args=self.args,
+                     kwargs=self.kwargs)
+        copy.backend = backend
+        return copy
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future is not None and self.future.done()
+
+    def resolve(self, value: Any) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(value)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.future is not None and not self.future.done():
+            if self.wire is not None:
+                status = 404 if isinstance(exc, EndpointNotFoundError) else 503
+                self.future.set_result(error_response(status, type(exc).__name__, str(exc)))
+            else:
+                self.future.set_exception(exc)
+
+
+class _Endpoint:
+    __slots__ = ("name", "route", "methods", "policy")
+
+    def __init__(self, name: str, spec: dict):
+        self.name = name
+        self.route = spec["route"]
+        self.methods = frozenset(spec["methods"])
+        self.policy = TrafficPolicy(spec["traffic"], spec.get("shadows", {}))
+
+
+class _Backend:
+    __slots__ = ("tag", "max_concurrent", "links", "waiting")
+
+    def __init__(self, tag: str, max_concurrent: int, links: list[ReplicaLink],
+                 waiting: deque):
+        self.tag = tag
+        self.max_concurrent = max_concurrent
+        self.links = links
+        self.waiting = waiting
+
+    def _free(self, link: ReplicaLink, excluded: set[str]) -> bool:
+        return link.in_flight < self.max_concurrent and link.tag not in excluded
+
+    def pick(self, excluded: set[str]) -> ReplicaLink | None:
+        links = self.links
+        if len(links) == 1:
+            return links[0] if self._free(links[0], excluded) else None
+        if len(links) > 1:
+            a, b = random.sample(links, 2)
+            best = min((l for l in (a, b) if self._free(l, excluded)),
+                       key=lambda l: l.in_flight, default=None)
+            if best is not None:
+                return best
+            return min((l for l in links if self._free(l, excluded)),
+                       key=lambda l: l.in_flight, default=None)
+        return None
+
+
+class Router:
+    """Routes queries for one serve instance from one event loop."""
+
+    _ids = itertools.count()
+
+    def __init__(self, pool: ConnectionPool, scheduler_address: str,
+                 listener_id: str | None = None):
+        self._pool = pool
+        self.scheduler_address = scheduler_address
+        self.listener_id = listener_id or f"router-{next(self._ids)}-{random.getrandbits(32):x}"
+        self.version = -1
+        self.closed = False
+        self.endpoints: dict[str, _Endpoint] = {}
+        self.routes: dict[str, _Endpoint] = {}
+        self._backends: dict[str, _Backend] = {}
+        self._links: dict[str, ReplicaLink] = {}
+        self._updated = asyncio.Event()
+        self._listener: asyncio.Task | None = None
+
+    # -- table --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.ensure_future(self._listen())
+
+    async def _listen(self) -> None:
+        controller = self._pool(self.scheduler_address)
+        while not self.closed:
+            try:
+                table = await controller.daskserve_listen(version=self.version,
+                                                          listener=self.listener_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("routing table poll failed: %r", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if not table or table.get("shutdown"):
+                self.close(reason="the serve instance was shut down")
+                return
+            if table["version"] != self.version:
+                self.apply(table)
+
+    def apply(self, table: dict) -> None:
+        """Swap in a new table; re-dispatch what waited on replicas that changed."""
+        old_backends = self._backends
+        backends: dict[str, _Backend] = {}
+        for tag, spec in table["backends"].items():
+            links = [self._links.get(rtag) or ReplicaLink(tag, rtag, address, key,
+                                                          self._pool, self._done)
+                     for rtag, address, key in spec["replicas"]]
+            previous = old_backends.get(tag)
+            backends[tag] = _Backend(tag, spec["max_concurrent_queries"], links,
+                                     previous.waiting if previous else deque())
+        self._links = {link.tag: link for b in backends.values() for link in b.links}
+        self.endpoints = {name: _Endpoint(name, spec)
+                          for name, spec in table["endpoints"].items()}
+        self.routes = {e.route: e for e in self.endpoints.values() if e.route}
+        self._backends = backends
+        self.version = table["version"]
+        for tag, backend in old_backends.items():
+            if tag not in backends:
+                for query in backend.waiting:
+                    if query.future is not None:
+                        self._route(query)
+        for backend in backends.values():
+            self._release_waiting(backend)
+        self._updated.set()
+        self._updated = asyncio.Event()
+
+    async def wait_for_version(self, version: int, timeout: float = 30.0) -> None:
+        """Block until the table is at least as new as a change the caller made."""
+        self.start()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.version < version and not self.closed:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise ServeError(f"routing table did not reach version {version} "
+                                 f"within {timeout}s (at {self.version})")
+            try:
+                await asyncio.wait_for(self._updated.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def close(self, reason: str = "router closed") -> None:
+        self.closed = True
+        for backend in self._backends.values():
+            while backend.waiting:
+                backend.waiting.popleft().fail(ServeError(reason))
+        self._updated.set()
+        if self._listener is not None and self._listener is not asyncio.current_task():
+            self._listener.cancel()
+
+    # -- dispatch -----------------------------------------------------------------
+    def submit(self, query: Query) -> None:
+        """Route a query (and its shadow copies); its future gets the result."""
+        if self.closed:
+            query.fail(ServeError("this serve instance was shut down"))
+            return
+        endpoint = self._route(query)
+        if endpoint is not None:
+            for backend in endpoint.policy.shadow_targets():
+                self._enqueue(query.shadow_copy(backend))
+
+    def _route(self, query: Query) -> _Endpoint | None:
+        endpoint = self.endpoints.get(query.endpoint)
+        if endpoint is None:
+            query.fail(EndpointNotFoundError(f"endpoint {query.endpoint!r} does not exist"))
+            return None
+        backend = endpoint.policy.choose(query.shard_key)
+        if backend is None:
+            query.fail(ServeError(f"endpoint {query.endpoint!r} has no traffic policy; "
+                                  f"call set_traffic first"))
+            return None
+        query.backend = backend
+        self._enqueue(query)
+        return endpoint
+
+    def _enqueue(self, query: Query) -> None:
+        backend = self._backends.get(query.backend)
+        if backend is None:
+            query.fail(ServeError(f"backend {query.backend!r} does not exist"))
+            return
+        link = backend.pick(query.excluded)
+        if link is None:
+            backend.waiting.append(query)  # back-pressure: wait here, not in the replica
+        else:
+            link.send(query)
+
+    def _release_waiting(self, backend: _Backend) -> None:
+        waiting = backend.waiting
+        while waiting:
+            if waiting[0].abandoned:
+                waiting.popleft()
+                continue
+            link = backend.pick(waiting[0].excluded)
+            if link is None:
+                return
+            link.send(waiting.popleft())
+
+    def _done(self, link: ReplicaLink, batch: list[Query], retry: bool) -> None:
+        link.in_flight -= len(batch)
+        if retry:
+            for query in batch:
+                query.attempts += 1
+                query.excluded.add(link.tag)
+                if query.attempts >= MAX_ATTEMPTS:
+                    query.fail(ServeError(f"no replica of backend {query.backend!r} "
+                                          f"accepted the request after {MAX_ATTEMPTS} tries"))
+                elif not query.abandoned:
+                    self._enqueue(query)
+        backend = self._backends.get(link.backend)
+        if backend is not None and backend.waiting:
+            self._release_waiting(backend)
+
+    # -- entry points ---------------------------------------------------------------
+    async def http(self, endpoint: str, wire: dict, shard_key: str | None,
+                   timeout: float | None = None) -> WireResponse:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.submit(Query(endpoint, wire=wire, shard_key=shard_key, future=future))
+        if timeout is None or future.done():
+            return await future
+        timer = loop.call_later(timeout, _expire, future, timeout)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    async def call(self, endpoint: str, method: str, args: tuple, kwargs: dict,
+                   shard_key: Any = None, min_version: int = -1) -> Any:
+        if self.version < max(min_version, 0):  # the first table is version 0 or later
+            await self.wait_for_version(max(min_version, 0))
+        future = asyncio.get_running_loop().create_future()
+        self.submit(Query(endpoint, method=method, args=args, kwargs=kwargs,
+                          shard_key=shard_key, future=future))
+        return await future
+
+
+def _expire(future: asyncio.Future, timeout: float) -> None:
+    if not future.done():
+        future.set_result(error_response(504, "GatewayTimeout",
+                                         f"no response within request_timeout_s={timeout}"))

@@ -1,0 +1,31 @@
+"""The daskserve controller, installable as a Dask scheduler plugin or preload.
+
+``dask scheduler --preload scheduler_plugin --serve-http-port 8000`` starts a
+serve instance with the scheduler; clients then attach with ``serve.connect``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .controller import PLUGIN_NAME, ServeController
+
+__all__ = ["PLUGIN_NAME", "ServeController", "dask_setup"]
+
+
+@click.command()
+@click.option("--serve-http-host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP proxy binds to.")
+@click.option("--serve-http-port", default=8000, type=int, show_default=True,
+              help="Port of the HTTP proxy.")
+@click.option("--serve-http-location", default="HeadOnly", show_default=True,
+              type=click.Choice(["HeadOnly", "EveryNode", "NoServer"]),
+              help="Where HTTP proxies run.")
+@click.option("--serve-checkpoint-path", default=None,
+              help="Where the controller checkpoints its state (reserved).")
+async def dask_setup(scheduler: Any, serve_http_host: str, serve_http_port: int,
+                     serve_http_location: str, serve_checkpoint_path: str | None) -> None:
+    controller = ServeController({"host": serve_http_host, "port": serve_http_port,
+                                  "location": serve_http_location})
+    await scheduler.register_scheduler_plugin(controller, name=PLUGIN_NAME, idempotent=True)
