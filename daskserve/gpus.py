@@ -30,3 +30,14 @@ def count_gpus() -> int:
     if visible is None:
         return total
     return len([d for d in visible.split(",") if d.strip()])
+
+
+def visible_devices(slots: list[int]) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for the given slots of this worker's own GPU list.
+
+    Slots index the GPUs the worker may use, so a worker that dask-cuda already
+    pinned to ``CUDA_VISIBLE_DEVICES=3,0`` maps slot 0 to device 3.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    return ",".join(devices[i] if devices else str(i) for i in slots)

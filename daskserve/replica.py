@@ -31,6 +31,7 @@ from distributed import get_worker
 from . import context, fast_path
 from .batching import BatchQueue, accepts_batch
 from .config import BackendConfig
+from .gpus import count_gpus, visible_devices
 from .handle import register_home
 from .http_codec import WireResponse, build_request, encode_result, exception_response
 
@@ -63,7 +64,7 @@ class Replica:
     """Wraps the user's function or class instance and executes requests for it."""
 
     def __init__(self, backend_tag: str, replica_tag: str, spec: bytes,
-                 config: dict[str, Any], env_vars: dict[str, str]):
+                 config: dict[str, Any], env_vars: dict[str, str], gpu_slots: list[int]):
         worker = get_worker()
         self.context = context.ReplicaContext(backend_tag, replica_tag,
                                               worker.scheduler.address)
@@ -73,6 +74,8 @@ class Replica:
         # Worker processes are shared, so these apply to the whole process; replicas
         # that need true isolation use a packed environment.
         os.environ.update(env_vars)
+        if gpu_slots and count_gpus():
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(gpu_slots)
         target, init_args = cloudpickle.loads(spec)
         if isinstance(target, str):
             target = import_attr(target)

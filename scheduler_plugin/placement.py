@@ -20,12 +20,31 @@ class WorkerCapacity:
     total: dict[str, float]
     used: dict[str, float] = field(default_factory=dict)
     replicas: int = 0
+    gpu_free: list[float] = field(default_factory=list)  # free share of each GPU
+
+    def __post_init__(self) -> None:
+        if not self.gpu_free:
+            self.gpu_free = [1.0] * int(self.total.get("GPU", 0))
 
     def free(self, resource: str) -> float:
         return self.total.get(resource, 0.0) - self.used.get(resource, 0.0)
 
     def fits(self, demand: dict[str, float]) -> bool:
-        return all(self.free(name) + EPSILON >= amount for name, amount in demand.items())
+        if not all(self.free(name) + EPSILON >= amount for name, amount in demand.items()):
+            return False
+        return self._gpu_slots(demand.get("GPU", 0.0)) is not None
+
+    def _gpu_slots(self, amount: float) -> list[int] | None:
+        """Which GPUs a demand would use: a share of one GPU, or whole free GPUs."""
+        if amount <= 0 or not self.gpu_free:
+            return []
+        if amount < 1:
+            # Fill the fullest GPU that still fits, so fractions pack together.
+            fitting = [i for i, free in enumerate(self.gpu_free) if free + EPSILON >= amount]
+            return [min(fitting, key=lambda i: self.gpu_free[i])] if fitting else None
+        whole = [i for i, free in enumerate(self.gpu_free) if free >= 1 - EPSILON]
+        needed = int(round(amount))
+        return whole[:needed] if len(whole) >= needed else None
 
 
 class ResourceLedger:
@@ -41,11 +60,8 @@ class ResourceLedger:
         # declares no GPU offers the NVIDIA GPUs found on it.
         total.setdefault("CPU", float(nthreads))
         total.setdefault("GPU", float(gpus_found))
-        previous = self.workers.get(address)
-        self.workers[address] = WorkerCapacity(
-            address, host, total,
-            used=previous.used if previous else {},
-            replicas=previous.replicas if previous else 0)
+        previous = self.workers.get(address)  # re-registration keeps the bookings
+        self.workers[address] = previous or WorkerCapacity(address, host, total)
 
     def remove_worker(self, address: str) -> None:
         self.workers.pop(address, None)
@@ -57,16 +73,25 @@ class ResourceLedger:
             return None
         return min(fitting, key=lambda w: (w.replicas, -w.free("CPU"), w.address)).address
 
-    def reserve(self, address: str, demand: dict[str, float]) -> None:
+    def reserve(self, address: str, demand: dict[str, float]) -> list[int]:
+        """Book a demand on a worker; returns the indices of the GPUs it was given."""
         worker = self.workers[address]
+        slots = worker._gpu_slots(demand.get("GPU", 0.0)) or []
+        share = min(demand.get("GPU", 0.0), 1.0)
+        for index in slots:
+            worker.gpu_free[index] -= share
         for name, amount in demand.items():
             worker.used[name] = worker.used.get(name, 0.0) + amount
         worker.replicas += 1
+        return slots
 
-    def release(self, address: str, demand: dict[str, float]) -> None:
+    def release(self, address: str, demand: dict[str, float], gpu_slots: list[int]) -> None:
         worker = self.workers.get(address)
         if worker is None:
             return
+        share = min(demand.get("GPU", 0.0), 1.0)
+        for index in gpu_slots:
+            worker.gpu_free[index] = min(1.0, worker.gpu_free[index] + share)
         for name, amount in demand.items():
             worker.used[name] = max(0.0, worker.used.get(name, 0.0) - amount)
         worker.replicas = max(0, worker.replicas - 1)

@@ -109,7 +109,7 @@ class ReplicaManager:
             address = self.ledger.choose(replica.demand)
             if address is None:
                 continue
-            self.ledger.reserve(address, replica.demand)
+            replica.gpu_slots = self.ledger.reserve(address, replica.demand)
             replica.status, replica.address = "starting", address
             starting.append(replica)
         if not starting:
@@ -122,14 +122,14 @@ class ReplicaManager:
         client = await self.client()
         env_vars = ReplicaOptions(**backend.options).environment()
         future = client.submit(Replica, backend.tag, replica.tag, backend.spec,
-                               backend.config, env_vars, actor=True,
+                               backend.config, env_vars, replica.gpu_slots, actor=True,
                                workers=[replica.address], allow_other_workers=False,
                                pure=False, key=f"daskserve-replica-{replica.tag}")
         try:
             await future
         except Exception as exc:
             future.release()
-            self.ledger.release(replica.address, replica.demand)
+            self._forget_actor(replica)
             backend.replicas.pop(replica.tag, None)
             logger.warning("replica %s failed to start: %r", replica.tag, exc)
             return f"{type(exc).__name__}: {exc}"
@@ -162,7 +162,8 @@ class ReplicaManager:
 
     def _forget_actor(self, replica: ReplicaState) -> None:
         if replica.address is not None:
-            self.ledger.release(replica.address, replica.demand)
+            self.ledger.release(replica.address, replica.demand, replica.gpu_slots)
+            replica.gpu_slots = []
         if replica.future is not None:
             replica.future.release()
             replica.future = None

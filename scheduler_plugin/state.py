@@ -18,6 +18,7 @@ class ReplicaState:
     status: str = "pending"          # pending | starting | running | draining
     address: str | None = None
     key: str | None = None
+    gpu_slots: list[int] = field(default_factory=list)
     future: Any = None                # the actor future that keeps the replica alive
     error: str | None = None
 

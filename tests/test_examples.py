@@ -1,0 +1,75 @@
+"""Every example runs as a user would run it: a fresh process with its own cluster."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import free_port
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+EXPECTED = {
+    "quickstart_function.py": ["{'you_sent': 'hi'}"],
+    "quickstart_class.py": ["{'count': 101}", "{'count': 103}", "peek via handle: 103"],
+    "scaling.py": ["num_replicas=4: served by 4 replica(s)",
+                   "num_replicas=1: served by 1 replica(s)", "{'running': 1}"],
+    "reconfigure.py": ["'threshold': 0.2, 'accept': True",
+                       "'threshold': 0.9, 'accept': False"],
+    "gpu_placement.py": ["model_a RUNNING", "model_b RUNNING", "model_c PENDING",
+                         "'backend': 'model_a'"],
+    "composition.py": ["{'x': 3.0, 'scores': [7.0, 9.0], 'mean': 8.0}"],
+}
+
+
+def test_every_example_is_covered():
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_runs(name):
+    env = {**os.environ, "DASKSERVE_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, str(EXAMPLES / name)], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for line in EXPECTED[name]:
+        assert line in done.stdout, f"{line!r} missing from:\n{done.stdout}"
+
+
+@pytest.mark.slow
+def test_demo_command_serves_until_stopped():
+    port = free_port()
+    demo = subprocess.Popen([sys.executable, "-m", "daskserve.cli", "demo", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                reply = requests.get(f"http://127.0.0.1:{port}/greet?name=dask", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert demo.poll() is None, demo.stderr.read()[-3000:]
+                assert time.monotonic() < deadline, "demo never started serving"
+                time.sleep(0.5)
+        assert reply.json() == {"message": "hello, dask!", "method": "GET"}
+        demo.send_signal(signal.SIGTERM)
+        out, err = demo.communicate(timeout=120)
+        assert demo.returncode == 0, err[-3000:]
+        assert f"curl 'http://127.0.0.1:{port}/greet?name=dask'" in out
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+
+
+@pytest.mark.parametrize("command", ["demo", "start", "status", "shutdown"])
+def test_cli_subcommands_have_help(command):
+    done = subprocess.run([sys.executable, "-m", "daskserve.cli", command, "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Usage:" in done.stdout
