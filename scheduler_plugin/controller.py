@@ -57,6 +57,7 @@ class ServeController(SchedulerPlugin):
         self._acks: dict[str, int] = {}
         self._shut_down = False
         self._background: set[asyncio.Task] = set()
+        self._joining: set[asyncio.Task] = set()
         self.replicas = ReplicaManager(scheduler, self._publish)
         self.proxies = ProxyFleet(scheduler, HTTPOptions(**self.http_options))
         await self.proxies.start()
@@ -65,9 +66,17 @@ class ServeController(SchedulerPlugin):
                 scheduler.handlers[HANDLER_PREFIX + name[3:]] = getattr(self, name)
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
+        await self._workers_settled()
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
-        self._spawn(self._worker_joined(worker))
+        task = self._spawn(self._worker_joined(worker))
+        self._joining.add(task)
+        task.add_done_callback(self._joining.discard)
+
+    async def _workers_settled(self) -> None:
+        """Wait for workers that joined to be measured, so placement sees them."""
+        if self._joining:
+            await asyncio.gather(*self._joining, return_exceptions=True)
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         self.proxies.lose_worker(worker)
@@ -78,11 +87,12 @@ class ServeController(SchedulerPlugin):
         await self._teardown()
 
     # -- background work ----------------------------------------------------------------
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
+        return task
 
     async def _worker_joined(self, address: str) -> None:
         await self.replicas.add_worker(address)
@@ -144,10 +154,11 @@ class ServeController(SchedulerPlugin):
     async def op_create_backend(self, tag: str, spec: bytes, config: dict,
                                 replica_options: dict) -> int:
         _check_name("backend", tag)
-        if tag in self.backends:
-            raise ValueError(f"backend {tag!r} already exists")
         BackendConfig.validate_wire(config)
         ReplicaOptions(**replica_options)
+        await self._workers_settled()
+        if tag in self.backends:
+            raise ValueError(f"backend {tag!r} already exists")
         backend = BackendState(tag, spec, config, replica_options)
         self.backends[tag] = backend
         errors = await self.replicas.reconcile(backend)
@@ -182,6 +193,7 @@ class ServeController(SchedulerPlugin):
             backend.config = old
             raise
         await self._publish()
+        await self._workers_settled()
         errors = await self.replicas.reconcile(backend)
         if errors:
             raise RuntimeError(f"backend {tag!r}: new replicas failed to start: {errors[0]}")

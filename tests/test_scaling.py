@@ -200,6 +200,16 @@ def test_backend_config_invalid_fields_name_the_field(serve_client):
         serve_client.update_backend_config("no-such-backend", {"num_replicas": 2})
 
 
+def test_create_backend_returns_with_its_replicas_running(serve_client):
+    # Right after serve.start: the workers of the cluster can host these replicas,
+    # so create_backend returns only once they run (as update_backend_config does).
+    serve_client.create_backend("ready", replica_tag_backend,
+                                config={"num_replicas": 2},
+                                replica_options={"num_cpus": 0.5})
+    entry = serve_client.list_backends()["ready"]
+    assert (entry["status"], entry["replicas"]) == ("RUNNING", {"running": 2})
+
+
 # -- 2. scaling under load -------------------------------------------------------------
 @pytest.mark.slow
 def test_scale_up_and_down_under_continuous_traffic(serve_client, base_url):
@@ -385,8 +395,9 @@ def test_fractional_gpus_share_a_worker_and_pending_backend_starts_on_new_worker
         half_gpu = {"num_gpus": 0.5, "num_cpus": 0.1}
         client.create_backend("g1", replica_tag_backend, replica_options=half_gpu)
         client.create_backend("g2", replica_tag_backend, replica_options=half_gpu)
-        assert _status(client, "g1") == ("RUNNING", {"running": 1})
-        assert _status(client, "g2") == ("RUNNING", {"running": 1})
+        for tag in ("g1", "g2"):
+            wait_until(lambda: _status(client, tag) == ("RUNNING", {"running": 1}), 30,
+                       what=f"{tag} to start on the GPU worker")
 
         # The single GPU is fully booked: the third backend is created but pending.
         client.create_backend("g3", replica_tag_backend, replica_options=half_gpu)
@@ -418,7 +429,8 @@ def test_custom_resource_placement_and_pending_until_worker_joins():
         client = env.serve
         tpu = {"resources": {"TPU": 1}, "num_cpus": 0.1}
         client.create_backend("t1", replica_tag_backend, replica_options=tpu)
-        assert _status(client, "t1") == ("RUNNING", {"running": 1})
+        wait_until(lambda: _status(client, "t1") == ("RUNNING", {"running": 1}), 30,
+                   what="t1 to start on the TPU worker")
         # No worker offers this resource at all: pending, not an error.
         client.create_backend("nope", replica_tag_backend,
                               replica_options={"resources": {"FPGA": 1}, "num_cpus": 0.1})
