@@ -24,8 +24,9 @@ __all__ = ["PLUGIN_NAME", "ServeController", "dask_setup"]
               help="Where HTTP proxies run.")
 @click.option("--serve-checkpoint-path", default=None,
               help="Where the controller checkpoints its state (reserved).")
-async def dask_setup(scheduler: Any, serve_http_host: str, serve_http_port: int,
-                     serve_http_location: str, serve_checkpoint_path: str | None) -> None:
+def dask_setup(scheduler: Any, serve_http_host: str, serve_http_port: int,
+               serve_http_location: str, serve_checkpoint_path: str | None) -> None:
     controller = ServeController({"host": serve_http_host, "port": serve_http_port,
                                   "location": serve_http_location})
-    await scheduler.register_scheduler_plugin(controller, name=PLUGIN_NAME, idempotent=True)
+    # Preloads run before the scheduler starts its plugins, which starts this one.
+    scheduler.add_plugin(controller, name=PLUGIN_NAME, idempotent=True)
