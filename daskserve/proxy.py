@@ -43,15 +43,15 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
         self.port: int | None = None
 
     async def start(self) -> None:
-        self.router.start()
-        # Tornado closes the connection without a reply on bodies past its limit; we
-        # answer 413 ourselves when Content-Length says so, so its limit sits above ours.
-        self._server = HTTPServer(self, max_body_size=self.options.max_body_size + 1,
-                                  idle_connection_timeout=3600)
         sockets = bind_sockets(self.options.port, self.options.host,
                                family=socket.AF_INET if "." in self.options.host
                                else socket.AF_UNSPEC)
+        # Tornado answers bodies past its own limit with a bare 400 or a closed
+        # connection; we enforce the limit as bytes arrive and answer 413, so Tornado's
+        # limit is set out of the way (bytes past ours are read and dropped, not kept).
+        self._server = HTTPServer(self, max_body_size=2**62, idle_connection_timeout=3600)
         self._server.add_sockets(sockets)
+        self.router.start()
         self.port = sockets[0].getsockname()[1]
         logger.info("daskserve HTTP proxy listening on http://%s:%d",
                     self.options.host, self.port)

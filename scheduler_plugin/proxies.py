@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 _WORKER_ATTRIBUTE = "_daskserve_proxy"
 
 
-async def _start_on_worker(dask_worker: Any, options: dict, listener_id: str) -> int:
+async def _start_on_worker(options: dict, listener_id: str, dask_worker: Any = None) -> int:
     proxy = Proxy(Router(dask_worker.rpc, dask_worker.scheduler.address, listener_id),
                   HTTPOptions(**options))
     await proxy.start()
@@ -27,7 +27,7 @@ async def _start_on_worker(dask_worker: Any, options: dict, listener_id: str) ->
     return proxy.port
 
 
-async def _stop_on_worker(dask_worker: Any) -> None:
+async def _stop_on_worker(dask_worker: Any = None) -> None:
     proxy = getattr(dask_worker, _WORKER_ATTRIBUTE, None)
     if proxy is not None:
         await proxy.stop()
