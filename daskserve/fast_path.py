@@ -2,7 +2,10 @@
 
 Installed into ``worker.handlers`` the first time a replica is constructed on a
 worker. Each call names a replica by its Dask actor key; the handler looks the
-live object up in the worker's actor table. A replica that is gone or draining
+live object up in the worker's actor table. A reply carries whatever finished
+first; results still running are fetched with ``collect`` and the ticket the reply
+names, so one slow request never delays the others of its message. A replica that
+is gone or draining
 answers ``retry`` instead of executing, which is how scale-down and replica
 replacement lose no request: the router sends those requests elsewhere.
 
@@ -16,6 +19,7 @@ from typing import Any
 import cloudpickle
 
 CALL = "daskserve_call"
+COLLECT = "daskserve_collect"
 UPDATE = "daskserve_update"
 DRAIN = "daskserve_drain"
 
@@ -30,12 +34,13 @@ def install(worker: Any) -> None:
         replica = actors.get(key)
         if replica is None or replica.draining:
             return {"retry": True}
-        http_out, call_out = await replica.handle(http or [],
-                                                  cloudpickle.loads(calls) if calls else [])
-        reply: dict[str, Any] = {"http": http_out}
-        if call_out:
-            reply["calls"] = _dump_results(call_out)
-        return reply
+        return _reply(await replica.handle(http or [],
+                                           cloudpickle.loads(calls) if calls else []))
+
+    async def collect(key: str, ticket: int) -> dict:
+        replica = actors.get(key)
+        outcome = await replica.collect(ticket) if replica is not None else None
+        return {"lost": True} if outcome is None else _reply(outcome)
 
     async def update(key: str, config: dict, reconfigure: bool) -> bool:
         replica = actors.get(key)
@@ -50,20 +55,30 @@ def install(worker: Any) -> None:
             await replica.drain()
         return True
 
-    worker.handlers.update({UPDATE: update, DRAIN: drain, CALL: call})
+    worker.handlers.update({UPDATE: update, DRAIN: drain, COLLECT: collect, CALL: call})
 
 
-def _dump_results(results: list[tuple[bool, Any]]) -> bytes:
+def _reply(outcome: tuple) -> dict:
+    http, calls, ticket = outcome
+    reply: dict[str, Any] = {"http": http}
+    if calls:
+        reply["calls"] = _dump_results(calls)
+    if ticket is not None:
+        reply["ticket"] = ticket
+    return reply
+
+
+def _dump_results(results: list[tuple[int, bool, Any]]) -> bytes:
     try:
         return cloudpickle.dumps(results)
     except Exception:
         # Only the values that cannot be pickled become errors; the rest arrive intact.
         safe = []
-        for ok, value in results:
+        for index, ok, value in results:
             try:
                 cloudpickle.dumps(value)
-                safe.append((ok, value))
+                safe.append((index, ok, value))
             except Exception as exc:
-                safe.append((False, TypeError(
+                safe.append((index, False, TypeError(
                     f"result of type {type(value).__name__} cannot be pickled: {exc}")))
         return cloudpickle.dumps(safe)

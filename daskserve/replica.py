@@ -18,6 +18,7 @@ import contextvars
 import functools
 import importlib
 import inspect
+import itertools
 import logging
 import os
 import traceback
@@ -36,6 +37,11 @@ from .handle import register_home
 from .http_codec import WireResponse, build_request, encode_result, exception_response
 
 logger = logging.getLogger(__name__)
+
+STRAGGLER_GRACE_S = 0.002
+# What a replica returns for a message: HTTP results as [index, response] pairs,
+# handle-call results as (index, ok, value), and a ticket if some are still running.
+Outcome = tuple[list, list, "int | None"]
 
 
 def import_attr(path: str) -> Any:
@@ -91,8 +97,10 @@ class Replica:
         self._config = BackendConfig.from_wire(config)
         self._pool = self._new_pool()
         self._methods: dict[str, _Method] = {}
-        self.in_flight = 0
+        self.in_flight = 0  # requests whose results no router has received yet
         self.draining = False
+        self._tickets: dict[int, tuple[dict[int, asyncio.Future], int]] = {}
+        self._ticket_ids = itertools.count()
         self._idle: asyncio.Event | None = None
         if self._config.max_batch_size is not None and not self._method("__call__").batch:
             raise ValueError(
@@ -172,21 +180,57 @@ class Replica:
                              f"{self.context.replica_tag!r}:\n{traceback.format_exc()}")
             return False, exc
 
-    async def handle(self, http: list[dict], calls: list[tuple]) -> tuple[list, list]:
-        """Execute one coalesced message: HTTP requests and handle calls together."""
-        count = len(http) + len(calls)
-        self.in_flight += count
-        token = context.enter(self.context)
+    async def handle(self, http: list[dict], calls: list[tuple]) -> Outcome:
+        """Start one coalesced message (HTTP requests and handle calls together) and
+        return its first results; see ``_first_results`` for the rest."""
+        token = context.enter(self.context)  # tasks created below inherit it
         try:
             work = [self._serve_http(w) for w in http]
             work += [self._serve_call(name, args, kwargs) for name, args, kwargs in calls]
-            results = await asyncio.gather(*work)
+            self.in_flight += len(work)
+            if len(work) == 1:  # the usual case at low load: no task, no wait
+                try:
+                    result = await work[0]
+                finally:
+                    self._settle(1)
+                return self._split({0: result}, len(http), None)
+            tasks = {i: asyncio.ensure_future(w) for i, w in enumerate(work)}
         finally:
             context.leave(token)
-            self.in_flight -= count
-            if self.in_flight == 0 and self._idle is not None:
-                self._idle.set()
-        return results[: len(http)], results[len(http):]
+        return await self._first_results(tasks, len(http))
+
+    async def collect(self, ticket: int) -> Outcome | None:
+        """Results of a message's stragglers; None if the ticket is unknown."""
+        entry = self._tickets.pop(ticket, None)
+        if entry is None:
+            return None
+        return await self._first_results(*entry)
+
+    async def _first_results(self, tasks: dict[int, asyncio.Future], n_http: int) -> Outcome:
+        # Reply as soon as anything is done (plus a short grace for siblings), so a
+        # slow request never holds back fast ones that travelled with it; whatever is
+        # still running stays here under a ticket the router collects next.
+        _, running = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+        if running:
+            await asyncio.wait(running, timeout=STRAGGLER_GRACE_S)
+        done = {i: task.result() for i, task in tasks.items() if task.done()}
+        self._settle(len(done))
+        ticket = None
+        if len(done) < len(tasks):
+            ticket = next(self._ticket_ids)
+            self._tickets[ticket] = ({i: t for i, t in tasks.items() if i not in done}, n_http)
+        return self._split(done, n_http, ticket)
+
+    @staticmethod
+    def _split(done: dict[int, Any], n_http: int, ticket: int | None) -> Outcome:
+        http = [[i, result] for i, result in done.items() if i < n_http]
+        calls = [(i - n_http, *result) for i, result in done.items() if i >= n_http]
+        return http, calls, ticket
+
+    def _settle(self, count: int) -> None:
+        self.in_flight -= count
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
 
     # -- lifecycle --------------------------------------------------------------
     async def _reconfigure(self, user_config: Any) -> None:

@@ -1,7 +1,8 @@
 """One router's connection to one replica, coalescing calls per event-loop tick.
 
 Every query sent to a replica in the same tick is collected and leaves as a single
-message; the reply carries one result per query in the same order. This is the
+message; the reply carries the results that finished first, and a ticket to
+collect the rest, so a slow query never delays its fast companions. This is the
 transport-level coalescing DESIGN.md builds on ("never one Dask call per request")
 and is independent of the user-visible batching a replica may do on top.
 """
@@ -16,7 +17,7 @@ from distributed.comm.core import CommClosedError
 from distributed.core import ConnectionPool, send_recv
 
 from .errors import ReplicaUnavailableError
-from .fast_path import CALL
+from .fast_path import CALL, COLLECT
 from .http_codec import error_response
 
 if TYPE_CHECKING:
@@ -83,12 +84,34 @@ class ReplicaLink:
         if reply.get("retry"):
             self._on_done(self, batch, True)
             return
-        for query, response in zip(http, reply["http"]):
-            query.resolve(response)
-        if calls:
-            for query, (ok, value) in zip(calls, cloudpickle.loads(reply["calls"])):
+        await self._deliver(reply, dict(enumerate(http)), dict(enumerate(calls)))
+
+    async def _deliver(self, reply: dict, http: dict[int, "Query"],
+                       calls: dict[int, "Query"]) -> None:
+        """Hand out results as they arrive, collecting stragglers by ticket."""
+        while True:
+            finished = []
+            for index, response in reply["http"]:
+                query = http.pop(index)
+                query.resolve(response)
+                finished.append(query)
+            for index, ok, value in cloudpickle.loads(reply["calls"]) if "calls" in reply else ():
+                query = calls.pop(index)
                 query.resolve(value) if ok else query.fail(value)
-        self._on_done(self, batch, False)
+                finished.append(query)
+            self._on_done(self, finished, False)
+            if "ticket" not in reply:
+                return
+            try:
+                reply = await getattr(self._pool(self.address), COLLECT)(
+                    key=self.key, ticket=reply["ticket"])
+            except Exception as exc:
+                reply = {"lost": True, "error": exc}
+            if reply.get("lost"):
+                reason = reply.get("error") or "the replica went away while running them"
+                self._fail([*http.values(), *calls.values()],
+                           ReplicaUnavailableError(self.backend, self.tag, str(reason)))
+                return
 
     def _fail(self, batch: list["Query"], exc: BaseException) -> None:
         logger.warning("call to replica %s of backend %s failed: %r", self.tag,

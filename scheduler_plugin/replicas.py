@@ -96,7 +96,10 @@ class ReplicaManager:
                 r.status))[:max(0, surplus)]
             errors = await self._start_pending(backend)
             if errors:
+                backend.last_error = errors[-1]
                 await self._publish()
+            elif all(r.status == "running" for r in backend.replicas.values()):
+                backend.last_error = None
             if victims:
                 await self._drain(backend, victims)
             return errors

@@ -30,6 +30,7 @@ class BackendState:
     config: dict[str, Any]            # BackendConfig wire form (user_config pickled)
     options: dict[str, Any]           # ReplicaOptions as a dict
     replicas: dict[str, ReplicaState] = field(default_factory=dict)
+    last_error: str | None = None     # why the latest replica start failed, if it did
 
     @property
     def num_replicas(self) -> int:
@@ -44,13 +45,23 @@ class BackendState:
         for replica in self.replicas.values():
             counts[replica.status] = counts.get(replica.status, 0) + 1
         pending = counts.get("pending", 0)
+        live = len(self.replicas) - counts.get("draining", 0)
+        if pending:
+            status = "PENDING"
+        elif live < self.num_replicas and self.last_error:
+            status = "FAILED"
+        elif counts.get("running", 0) == self.num_replicas == live:
+            status = "RUNNING"
+        else:
+            status = "UPDATING"
         return {
             **self.config,  # user_config stays pickled; the client unpickles it
             "replica_options": dict(self.options),
             "replicas": counts,
-            "status": "PENDING" if pending else "RUNNING",
+            "status": status,
             "pending_reason": (f"{pending} replica(s) wait for a worker with "
                                f"{self.options_demand()} free") if pending else None,
+            "last_error": self.last_error,
         }
 
     def options_demand(self) -> dict[str, float]:

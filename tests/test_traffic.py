@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
@@ -23,7 +25,7 @@ import daskserve as serve
 # Worker processes cannot import this test module; ship its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-RESULT_TIMEOUT = 60
+RESULT_TIMEOUT = 30
 FALSE_FAILURE_RATE = 1e-6  # per interval check, split evenly between the two tails
 
 
@@ -87,28 +89,34 @@ def http_get_many(urls_and_headers, workers: int = 8):
 
 
 # -- backends (module level, pickled by value) ----------------------------------------
-class Gate:
-    """Each call records that it started, then blocks until ``release`` is called."""
+class FileGate:
+    """Each call marks that it started, then waits until a release file exists.
 
-    def __init__(self, name):
+    State lives in files (the cluster is local), so the test observes and opens
+    the gate without sending anything to the replica it is holding up.
+    """
+
+    def __init__(self, name, directory):
         self.name = name
-        self.started = 0
-        self.finished = 0
-        self.open = False
+        self.dir = directory
 
     async def __call__(self, *args):
-        self.started += 1
-        while not self.open:
+        mark = uuid.uuid4().hex
+        open(os.path.join(self.dir, "started-" + mark), "w").close()
+        while not os.path.exists(os.path.join(self.dir, "release")):
             await asyncio.sleep(0.01)
-        self.finished += 1
+        open(os.path.join(self.dir, "finished-" + mark), "w").close()
         return self.name
 
-    def counts(self):
-        return self.started, self.finished
 
-    def release(self):
-        self.open = True
-        return True
+def gate_counts(directory) -> tuple[int, int]:
+    names = os.listdir(directory)
+    return (sum(n.startswith("started-") for n in names),
+            sum(n.startswith("finished-") for n in names))
+
+
+def open_gate(directory) -> None:
+    open(os.path.join(str(directory), "release"), "w").close()
 
 
 class Recorder:
@@ -225,7 +233,6 @@ def _count_b(handle, n: int) -> int:
     return answers.count("b")
 
 
-@pytest.mark.slow
 def test_canary_rollout_and_rollback_follow_weights(serve_client, base_url):
     serve_client.create_backend("a", name_of("a"), replica_options={"num_cpus": 0.5})
     serve_client.create_backend("b", name_of("b"), replica_options={"num_cpus": 0.5})
@@ -290,12 +297,11 @@ def test_shard_key_affinity_over_http_and_handles(serve_client, base_url):
 
 
 # -- 4. traffic changes keep in-flight requests -----------------------------------------------
-def test_traffic_change_does_not_drop_in_flight_requests(serve_client, base_url):
-    serve_client.create_backend("a", Gate, "a", replica_options={"num_cpus": 0.5})
+def test_traffic_change_does_not_drop_in_flight_requests(serve_client, base_url, tmp_path):
+    serve_client.create_backend("a", FileGate, "a", str(tmp_path),
+                                replica_options={"num_cpus": 0.5})
     serve_client.create_backend("b", name_of("b"), replica_options={"num_cpus": 0.5})
     serve_client.create_endpoint("switch", backend="a", route="/switch")
-    serve_client.create_endpoint("a-control", backend="a")  # handle-only side door
-    control = serve_client.get_handle("a-control")
     handle = serve_client.get_handle("switch")
 
     pool = ThreadPoolExecutor(20)
@@ -303,21 +309,22 @@ def test_traffic_change_does_not_drop_in_flight_requests(serve_client, base_url)
         http_futures = [pool.submit(requests.get, f"{base_url}/switch",
                                     timeout=RESULT_TIMEOUT) for _ in range(20)]
         handle_futures = [handle.remote() for _ in range(10)]
-        # Every request is executing on "a" (blocked in the gate) ...
-        wait_until(lambda: control.options(method_name="counts").remote().result(
-            RESULT_TIMEOUT) == (30, 0), 30, what="30 requests to start on a")
+        # Every request is executing on "a" (held in the gate) ...
+        wait_until(lambda: gate_counts(tmp_path) == (30, 0), 30,
+                   what="30 requests to start on a")
         # ... when the traffic moves to "b".
         serve_client.set_traffic("switch", {"b": 1.0})
         assert handle.remote().result(RESULT_TIMEOUT) == "b"
         assert requests.get(f"{base_url}/switch", timeout=RESULT_TIMEOUT).text == "b"
-        assert control.options(method_name="counts").remote().result(
-            RESULT_TIMEOUT) == (30, 0)
-        assert control.options(method_name="release").remote().result(RESULT_TIMEOUT)
+        assert gate_counts(tmp_path) == (30, 0)
+        open_gate(tmp_path)
 
         responses = [f.result(timeout=RESULT_TIMEOUT) for f in http_futures]
         assert [(r.status_code, r.text) for r in responses] == [(200, "a")] * 20
         assert [f.result(RESULT_TIMEOUT) for f in handle_futures] == ["a"] * 10
+        assert gate_counts(tmp_path) == (30, 30)
     finally:
+        open_gate(tmp_path)
         pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -336,8 +343,7 @@ def _stable_count(control, timeout: float = 20.0) -> int:
     pytest.fail("shadow call count never settled")
 
 
-@pytest.mark.slow
-def test_shadow_traffic(serve_client, base_url):
+def test_shadow_traffic(serve_client, base_url, tmp_path):
     serve_client.create_backend("primary", name_of("primary"),
                                 replica_options={"num_cpus": 0.5})
     serve_client.create_backend("recorder", Recorder, replica_options={"num_cpus": 0.5})
@@ -373,20 +379,20 @@ def test_shadow_traffic(serve_client, base_url):
 
     # A slow shadow never holds the primary back: the primary's answer arrives
     # while the shadow copy is still running (blocked in its gate).
-    serve_client.create_backend("slow", Gate, "slow", replica_options={"num_cpus": 0.5})
-    serve_client.create_endpoint("slow-control", backend="slow")
-    slow = serve_client.get_handle("slow-control")
+    gate_dir = tmp_path / "slow-shadow"
+    gate_dir.mkdir()
+    serve_client.create_backend("slow", FileGate, "slow", str(gate_dir),
+                                replica_options={"num_cpus": 0.5})
     serve_client.shadow_traffic("e", "slow", 1.0)
     try:
         assert requests.get(url, timeout=RESULT_TIMEOUT).text == "primary"
         assert handle.remote().result(RESULT_TIMEOUT) == "primary"
-        wait_until(lambda: slow.options(method_name="counts").remote().result(
-            RESULT_TIMEOUT)[0] == 2, 20, what="the slow shadow to receive 2 copies")
-        assert slow.options(method_name="counts").remote().result(RESULT_TIMEOUT) == (2, 0)
+        wait_until(lambda: gate_counts(gate_dir)[0] == 2, 20,
+                   what="the slow shadow to receive 2 copies")
+        assert gate_counts(gate_dir) == (2, 0)
     finally:
-        slow.options(method_name="release").remote().result(RESULT_TIMEOUT)
-    wait_until(lambda: slow.options(method_name="counts").remote().result(
-        RESULT_TIMEOUT) == (2, 2), 20, what="the slow shadow to finish")
+        open_gate(gate_dir)
+    wait_until(lambda: gate_counts(gate_dir) == (2, 2), 20, what="the slow shadow to finish")
     serve_client.shadow_traffic("e", "slow", 0)
 
     # Proportion 0 stops shadowing.
@@ -429,7 +435,6 @@ def test_delete_backend_refuses_one_that_receives_traffic(serve_client):
 
 
 # -- 6. composition ----------------------------------------------------------------------
-@pytest.mark.slow
 def test_model_composition_ensemble_with_sync_and_async_handles(serve_client, base_url):
     small = {"num_cpus": 0.5}
     serve_client.create_backend("double", times_two, replica_options=small)
