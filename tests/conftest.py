@@ -6,6 +6,7 @@ test can never answer for the next one.
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from distributed import Client, LocalCluster
@@ -17,6 +18,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 60, interval: float = 0.05,
+               what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy (and return that)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import requests
 from distributed import Client, LocalCluster
 
 import daskserve as serve
+from conftest import wait_until
 
 TIMEOUT = 30  # safety limit for every remote result and HTTP request
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,17 +37,6 @@ def _port_refuses(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(5)
         return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _wait_until(predicate, limit_s: float = TIMEOUT, what: str = "condition"):
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {limit_s}s")
-        time.sleep(0.05)
 
 
 def _plugin_installed(dask_scheduler=None) -> bool:
@@ -175,7 +165,7 @@ def test_shutdown_removes_everything_and_cluster_stays_healthy(dask_client, http
     assert not dask_client.run_on_scheduler(_plugin_installed)
     with pytest.raises(RuntimeError):
         serve.connect(dask_client)
-    _wait_until(lambda: sum(dask_client.run(_actor_count).values()) == 0,
+    wait_until(lambda: sum(dask_client.run(_actor_count).values()) == 0,
                 what="replica actors released")
     # ... while the Dask cluster keeps working.
     assert set(dask_client.scheduler_info()["workers"]) == workers_before
@@ -246,7 +236,7 @@ def test_every_node_location_serves_http(dask_client, http_port):
         assert reply.status_code == 200 and reply.text == "hello"
     finally:
         client.shutdown()
-    _wait_until(lambda: _port_refuses(http_port), what="worker proxy closed")
+    wait_until(lambda: _port_refuses(http_port), what="worker proxy closed")
 
 
 # -- the scheduler preload ------------------------------------------------------------------
@@ -289,7 +279,7 @@ def test_scheduler_preload_starts_an_instance(tmp_path, http_port):
                                      (tmp_path / "scheduler.log").read_text()[-3000:])
             return scheduler_file.exists() and scheduler_file.stat().st_size > 0
 
-        _wait_until(scheduler_ready, limit_s=60, what="scheduler file written")
+        wait_until(scheduler_ready, timeout=60, what="scheduler file written")
         address = json.loads(scheduler_file.read_text())["address"]
 
         worker, log = _spawn(
@@ -308,7 +298,7 @@ def test_scheduler_preload_starts_an_instance(tmp_path, http_port):
             except requests.ConnectionError:
                 return None
 
-        assert _wait_until(healthy, limit_s=60, what="preloaded proxy answering") == 200
+        assert wait_until(healthy, timeout=60, what="preloaded proxy answering") == 200
 
         dask_client = Client(address, timeout=TIMEOUT, set_as_default=False)
         dask_client.wait_for_workers(1, timeout=60)

@@ -21,24 +21,13 @@ import requests
 from distributed import Client, LocalCluster
 
 import daskserve as serve
+from conftest import wait_until
 from daskserve import BackendConfig
 
 # Worker processes cannot import this test module; ship its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 RESULT_TIMEOUT = 60
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- backends (module level, pickled by value) ---------------------------------------

@@ -21,6 +21,7 @@ import pytest
 import requests
 
 import daskserve as serve
+from conftest import wait_until
 
 # Worker processes cannot import this test module; ship its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -52,17 +53,6 @@ def binomial_interval(n: int, p: float, alpha: float = FALSE_FAILURE_RATE) -> tu
         tail += pmf[hi]
         hi -= 1
     return lo, hi
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def name_of(tag):
