@@ -8,7 +8,7 @@ field; the controller validates again, since other clients may talk to it.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import cloudpickle
 from distributed import Client
@@ -80,7 +80,7 @@ class ServeClient:
 
     # -- endpoints --------------------------------------------------------------------
     def create_endpoint(self, endpoint_name: str, backend: str | None = None,
-                        route: str | None = None, methods: list[str] = ["GET"]) -> None:
+                        route: str | None = None, methods: Sequence[str] = ("GET",)) -> None:
         self._change("create_endpoint", name=endpoint_name, backend=backend, route=route,
                      methods=normalize_methods(methods))
 

@@ -18,6 +18,3 @@ class ReplicaUnavailableError(ServeError):
 class EndpointNotFoundError(ServeError, LookupError):
     """A handle or route names an endpoint the controller does not know."""
 
-
-class RequestTimeoutError(ServeError, TimeoutError):
-    """A request was not answered within the configured time."""

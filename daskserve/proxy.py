@@ -43,9 +43,14 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
         self.port: int | None = None
 
     async def start(self) -> None:
-        sockets = bind_sockets(self.options.port, self.options.host,
-                               family=socket.AF_INET if "." in self.options.host
-                               else socket.AF_UNSPEC)
+        try:
+            sockets = bind_sockets(self.options.port, self.options.host,
+                                   family=socket.AF_INET if "." in self.options.host
+                                   else socket.AF_UNSPEC)
+        except OSError as exc:
+            raise OSError(exc.errno, f"the daskserve HTTP proxy cannot listen on "
+                                     f"{self.options.host}:{self.options.port}: {exc.strerror}"
+                          ) from None
         # Tornado answers bodies past its own limit with a bare 400 or a closed
         # connection; we enforce the limit as bytes arrive and answer 413, so Tornado's
         # limit is set out of the way (bytes past ours are read and dropped, not kept).

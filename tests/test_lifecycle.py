@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -105,7 +104,7 @@ def test_start_on_a_busy_port_fails_cleanly(dask_client, http_port):
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", http_port))
         blocker.listen()
-        with pytest.raises(Exception):
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{http_port}"):
             serve.start(dask_client, http_options={"port": http_port})
     # Nothing half-installed is left behind: a later start on a free port works.
     assert not dask_client.run_on_scheduler(_plugin_installed)

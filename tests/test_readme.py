@@ -23,7 +23,7 @@ def test_readme_python_example(tmp_path):
         "client = serve.start(Client(LocalCluster(n_workers=2, threads_per_worker=1, "
         f"dashboard_address=':0')), http_options={{'port': {port}}})")
     script = tmp_path / "readme_example.py"
-    script.write_text(f"if __name__ == '__main__':\n" +
+    script.write_text("if __name__ == '__main__':\n" +
                       "".join(f"    {line}\n" for line in code.splitlines()) +
                       "    client.shutdown()\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
