@@ -139,11 +139,10 @@ class Router:
             self._listener = asyncio.ensure_future(self._listen())
 
     async def _listen(self) -> None:
-        controller = self._pool(self.scheduler_address)
+        listen = getattr(self._pool(self.scheduler_address), LISTEN)
         while not self.closed:
             try:
-                table = await controller.daskserve_listen(version=self.version,
-                                                          listener=self.listener_id)
+                table = await listen(version=self.version, listener=self.listener_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
