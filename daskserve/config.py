@@ -72,7 +72,8 @@ class BackendConfig:
             raise ValueError(
                 f"max_batch_size ({self.max_batch_size}) exceeds max_concurrent_queries "
                 f"({self.max_concurrent_queries}): batches could never fill; raise "
-                f"max_concurrent_queries to at least {self.max_batch_size}"
+                f"max_concurrent_queries to at least {self.max_batch_size} (twice that "
+                f"keeps the next batch filling while one runs)"
             )
 
     @classmethod
