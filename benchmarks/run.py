@@ -127,7 +127,13 @@ async def handle_throughput(handle, in_flight: int, duration: float) -> float:
     return done / (time.monotonic() - start)
 
 
-def noop(*args):
+async def noop(*args):
+    """Runs on the worker's event loop: the serving path alone."""
+    return "ok"
+
+
+def noop_sync(*args):
+    """A plain ``def``: adds the hop into the replica's thread pool per request."""
     return "ok"
 
 
@@ -148,12 +154,15 @@ def bench_daskserve(duration: float, endpoints: int) -> dict:
         client = Client(address, timeout=60)
         client.wait_for_workers(1, timeout=60)
         sc = serve.connect(client)
-        sc.create_backend("noop", noop, replica_options={"num_cpus": 0.5})
-        sc.create_endpoint("noop", backend="noop", route="/noop")
+        for name, func in (("noop", noop), ("noop_sync", noop_sync)):
+            sc.create_backend(name, func, replica_options={"num_cpus": 0.5})
+            sc.create_endpoint(name, backend=name, route=f"/{name}")
         url = f"http://127.0.0.1:{http_port}/noop"
         wait_http(url)
         run_wrk(url, 16, 1)  # warm-up
-        results: dict = {"http": {c: run_wrk(url, c, duration) for c in CONCURRENCY}}
+        results: dict = {"http": {c: run_wrk(url, c, duration) for c in CONCURRENCY},
+                         "http_sync": {c: run_wrk(f"{url}_sync", c, duration)
+                                       for c in CONCURRENCY}}
 
         handle = sc.get_handle("noop", sync=False)
         results["handle"] = {c: asyncio.run(handle_throughput(handle, c, duration))
@@ -182,7 +191,8 @@ def main() -> None:
     tornado = bench_tornado(args.duration)
     ds = bench_daskserve(args.duration, args.endpoints)
 
-    print(f"\n2 cores, wrk -t1, {args.duration:g} s per point, noop handler, 1 replica\n")
+    print(f"\n2 cores, wrk -t1, {args.duration:g} s per point, 1 replica; daskserve rows use "
+          f"an `async def` noop unless they say sync\n")
     print("| measurement | c=1 | c=16 | c=64 |")
     print("|---|---|---|---|")
     row = lambda name, cells: print(f"| {name} | " + " | ".join(cells) + " |")  # noqa: E731
@@ -195,6 +205,12 @@ def main() -> None:
     row("daskserve p50 / p99 ms",
         [f"{ds['http'][c]['p50']:.2f} / {ds['http'][c]['p99']:.2f}" for c in CONCURRENCY])
     row("daskserve non-2xx", [str(ds['http'][c]['errors']) for c in CONCURRENCY])
+    row("daskserve, sync `def` noop, req/s",
+        [f"{ds['http_sync'][c]['rps']:,.0f}" for c in CONCURRENCY])
+    row("ratio sync noop / Tornado",
+        [f"{ds['http_sync'][c]['rps'] / tornado[c]['rps']:.2f}" for c in CONCURRENCY])
+    row("sync noop p50 / p99 ms", [f"{ds['http_sync'][c]['p50']:.2f} / "
+                                   f"{ds['http_sync'][c]['p99']:.2f}" for c in CONCURRENCY])
     row("async handle calls/s (in flight)", [f"{ds['handle'][c]:,.0f}" for c in CONCURRENCY])
     many = ds["many_endpoints"]
     print(f"\n{args.endpoints} endpoints, c=64: {many['rps']:,.0f} req/s "
