@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Awaitable, Callable, Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONCURRENCY = (1, 16, 64)
@@ -112,14 +112,15 @@ def bench_tornado(duration: float) -> dict[int, dict]:
         return {c: run_wrk(url, c, duration) for c in CONCURRENCY}
 
 
-async def handle_throughput(handle, in_flight: int, duration: float) -> float:
+async def rate(send: Callable[[], Awaitable], in_flight: int, duration: float) -> float:
+    """Completed ``send()`` calls per second with ``in_flight`` callers in a loop."""
     done = 0
     deadline = time.monotonic() + duration
 
     async def lane() -> None:
         nonlocal done
         while time.monotonic() < deadline:
-            await handle.remote(1)
+            await send()
             done += 1
 
     start = time.monotonic()
@@ -165,7 +166,7 @@ def bench_daskserve(duration: float, endpoints: int) -> dict:
                                        for c in CONCURRENCY}}
 
         handle = sc.get_handle("noop", sync=False)
-        results["handle"] = {c: asyncio.run(handle_throughput(handle, c, duration))
+        results["handle"] = {c: asyncio.run(rate(lambda: handle.remote(1), c, duration))
                              for c in CONCURRENCY}
 
         for i in range(endpoints - 1):

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
+import os
+import sys
 
 import cloudpickle
 import dask
@@ -27,24 +28,12 @@ import daskserve as serve
 from daskserve.fast_path import CALL
 from daskserve.replica import Replica
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import rate  # noqa: E402
+
 
 async def noop(*args):
     return None
-
-
-async def rate(send, in_flight: int, duration: float) -> float:
-    done = 0
-    deadline = time.monotonic() + duration
-
-    async def lane() -> None:
-        nonlocal done
-        while time.monotonic() < deadline:
-            await send()
-            done += 1
-
-    start = time.monotonic()
-    await asyncio.gather(*(lane() for _ in range(in_flight)))
-    return done / (time.monotonic() - start)
 
 
 async def measure(address: str, worker: str, key: str, duration: float) -> list[tuple]:
