@@ -68,7 +68,10 @@ class ReplicaManager:
                                    dict(state.resources), gpus)
 
     def lose_worker(self, address: str, backends: dict[str, BackendState]) -> bool:
-        """Forget a dead worker; its replicas go back to pending. True if any did."""
+        """Forget a dead worker and the replicas it held; True if it held any.
+
+        Reconciliation then starts replacements, under new tags, wherever they fit.
+        """
         self.ledger.remove_worker(address)
         lost = False
         for backend in backends.values():
@@ -76,10 +79,7 @@ class ReplicaManager:
                 if replica.address == address:
                     lost = True
                     self._forget_actor(replica)
-                    if replica.status == "draining":
-                        del backend.replicas[replica.tag]
-                    else:
-                        replica.status, replica.address, replica.key = "pending", None, None
+                    del backend.replicas[replica.tag]
         return lost
 
     # -- reconciliation -----------------------------------------------------------------
