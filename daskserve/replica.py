@@ -34,6 +34,7 @@ from .batching import BatchQueue, accepts_batch
 from .config import BackendConfig
 from .gpus import count_gpus, visible_devices
 from .handle import register_home
+from .thread_hop import ThreadHop
 from .http_codec import WireResponse, build_request, encode_result, exception_response
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Replica:
             context.leave(token)
         self._config = BackendConfig.from_wire(config)
         self._pool = self._new_pool()
+        self._hop = ThreadHop(self._loop)
         self._methods: dict[str, _Method] = {}
         self.in_flight = 0  # requests whose results no router has received yet
         self.draining = False
@@ -148,7 +150,7 @@ class Replica:
         if method.is_async:
             return await method.fn(*args, **kwargs)
         call = functools.partial(contextvars.copy_context().run, method.fn, *args, **kwargs)
-        return await self._loop.run_in_executor(self._pool, call)
+        return await self._hop.run(self._pool, call)
 
     async def _run(self, name: str, args: tuple, kwargs: dict) -> Any:
         method = self._method(name)
