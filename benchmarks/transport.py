@@ -25,7 +25,7 @@ import dask
 from distributed import Actor, Client, LocalCluster
 
 import daskserve as serve
-from daskserve.fast_path import CALL
+from daskserve.protocol import CALL
 from daskserve.replica import Replica
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

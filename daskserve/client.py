@@ -15,8 +15,7 @@ from distributed import Client
 
 from .config import BackendConfig, ReplicaOptions, normalize_methods
 from .handle import AsyncServeHandle, ServeHandle, register_home
-
-HANDLER_PREFIX = "daskserve_"
+from .protocol import CONTROLLER_PREFIX
 
 
 class ServeClient:
@@ -36,7 +35,7 @@ class ServeClient:
                                f"{self.scheduler_address}; call serve.start(dask_client)")
 
     def _call(self, op: str, **kwargs: Any) -> Any:
-        handler = getattr(self.dask_client.scheduler, HANDLER_PREFIX + op)
+        handler = getattr(self.dask_client.scheduler, CONTROLLER_PREFIX + op)
         return self.dask_client.sync(handler, **kwargs)
 
     def _change(self, op: str, **kwargs: Any) -> None:

@@ -3,7 +3,7 @@
 We implement Tornado's low-level ``HTTPServerConnectionDelegate`` rather than a
 ``RequestHandler`` application: Tornado still parses every byte, but there is no
 per-request handler object, no regex routing and no output transforms. Routing is
-an exact dict lookup on the path. DESIGN.md found the proxy's own HTTP work to be
+an exact dict lookup on the path. Profiles show the proxy's own HTTP work to be
 the limit at high concurrency, so this layer is kept as thin as Tornado allows.
 
 The proxy never unpickles anything: request bodies travel to replicas as bytes in

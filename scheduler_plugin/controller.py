@@ -18,6 +18,7 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from daskserve.config import BackendConfig, HTTPOptions, ReplicaOptions, normalize_methods
+from daskserve.protocol import CONTROLLER_PREFIX, LISTEN
 from daskserve.traffic import validate_traffic
 
 from .proxies import ProxyFleet
@@ -27,7 +28,6 @@ from .state import BackendState, EndpointState, routing_table
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "daskserve"
-HANDLER_PREFIX = "daskserve_"
 LISTEN_TIMEOUT_S = 15.0
 PROXY_ACK_TIMEOUT_S = 10.0
 
@@ -63,7 +63,7 @@ class ServeController(SchedulerPlugin):
         await self.proxies.start()
         for name in dir(self):
             if name.startswith("op_"):
-                scheduler.handlers[HANDLER_PREFIX + name[3:]] = getattr(self, name)
+                scheduler.handlers[CONTROLLER_PREFIX + name[3:]] = getattr(self, name)
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
         await self._workers_settled()
@@ -291,7 +291,7 @@ class ServeController(SchedulerPlugin):
             task.cancel()
         await self.replicas.close()
         for name in list(self.scheduler.handlers):
-            if name.startswith(HANDLER_PREFIX) and name != HANDLER_PREFIX + "listen":
+            if name.startswith(CONTROLLER_PREFIX) and name != LISTEN:
                 del self.scheduler.handlers[name]
 
 

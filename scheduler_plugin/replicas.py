@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 from distributed import Client
 
 from daskserve.config import ReplicaOptions
-from daskserve.fast_path import DRAIN, UPDATE
+from daskserve.protocol import DRAIN, UPDATE
 from daskserve.gpus import count_gpus
 from daskserve.replica import Replica
 
