@@ -326,3 +326,19 @@ def test_scheduler_preload_starts_an_instance(tmp_path, http_port):
             _stop(proc)
         for log in logs:
             log.close()
+
+
+def _constant(*args):
+    return "from an owned cluster"
+
+
+def test_start_without_a_client_owns_its_local_cluster(http_port):
+    client = serve.start(http_options={"port": http_port})
+    try:
+        client.create_backend("constant", _constant, replica_options={"num_cpus": 0.5})
+        client.create_endpoint("constant", backend="constant", route="/constant")
+        reply = requests.get(f"http://127.0.0.1:{http_port}/constant", timeout=30)
+        assert reply.text == "from an owned cluster"
+    finally:
+        client.shutdown()
+    assert client.dask_client.status == "closed"  # shutdown closed the cluster it made
