@@ -33,9 +33,14 @@ def _event_loop() -> str:
         return "asyncio"
 
 
-def _wait_until_stopped(duration: float | None) -> None:
+def _stop_signal() -> threading.Event:
+    """An event set by SIGTERM; installed first, so an early SIGTERM still stops cleanly."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def _wait(stop: threading.Event, duration: float | None) -> None:
     try:
         stop.wait(duration)
     except KeyboardInterrupt:
@@ -57,6 +62,8 @@ def demo(host: str, port: int, duration: float | None) -> None:
     """Start a local Dask cluster, serve an example and print how to call it."""
     import daskserve as serve
 
+    stop = _stop_signal()
+
     client = serve.start(_local_client(workers=1, threads=2),
                          http_options={"host": host, "port": port})
     client.create_backend("greet", greet, config={"num_replicas": 2},
@@ -68,7 +75,7 @@ def demo(host: str, port: int, duration: float | None) -> None:
     click.echo(f"Dask dashboard: {client.dask_client.dashboard_link}")
     click.echo("Press Ctrl-C to stop.", err=True)
     try:
-        _wait_until_stopped(duration)
+        _wait(stop, duration)
     finally:
         client.shutdown()
         client.dask_client.close()
@@ -89,13 +96,14 @@ def start(address: str | None, host: str, port: int, location: str) -> None:
     import daskserve as serve
     from distributed import Client
 
+    stop = _stop_signal()
     dask_client = Client(address) if address else _local_client(workers=2, threads=1)
     client = serve.start(dask_client, http_options={"host": host, "port": port,
                                                     "location": location})
     click.echo(json.dumps(client.info(), indent=2, default=str))
     if address is None:
         click.echo(f"local scheduler: {dask_client.scheduler.address}; Ctrl-C stops it")
-        _wait_until_stopped(None)
+        _wait(stop, None)
         client.shutdown()
     dask_client.close()
 

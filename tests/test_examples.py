@@ -50,14 +50,16 @@ def test_demo_command_serves_until_stopped():
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while True:
+        reply = None
+        while reply is None or reply.status_code == 404:
+            # Connection refused until the proxy listens, 404 until the endpoint exists.
+            assert demo.poll() is None, demo.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "demo never started serving"
+            time.sleep(0.2)
             try:
                 reply = requests.get(f"http://127.0.0.1:{port}/greet?name=dask", timeout=5)
-                break
             except requests.ConnectionError:
-                assert demo.poll() is None, demo.stderr.read()[-3000:]
-                assert time.monotonic() < deadline, "demo never started serving"
-                time.sleep(0.5)
+                reply = None
         assert reply.json() == {"message": "hello, dask!", "method": "GET"}
         demo.send_signal(signal.SIGTERM)
         out, err = demo.communicate(timeout=120)
