@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable
 
+from .tasks import spawn
+
 BATCH_ATTRIBUTE = "_daskserve_accept_batch"
 
 
@@ -62,7 +64,7 @@ class BatchQueue:
             self._timer = None
         while self._items:
             batch, self._items = self._items[: self._max_size], self._items[self._max_size:]
-            asyncio.ensure_future(self._execute(batch))
+            spawn(self._execute(batch))
 
     async def _execute(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
         try:

@@ -11,7 +11,6 @@ a msgpack message and come back the same way.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import socket
@@ -27,6 +26,7 @@ from . import metrics
 from .config import HTTPOptions
 from .http_codec import WireResponse, encode_request, error_response
 from .router import Router
+from .tasks import spawn
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
 
     def finish(self) -> None:
         if not self._rejected:
-            asyncio.ensure_future(self._respond())
+            spawn(self._respond())
 
     async def _respond(self) -> None:
         try:

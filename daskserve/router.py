@@ -27,6 +27,7 @@ from distributed.core import ConnectionPool, send_recv
 from .errors import EndpointNotFoundError, ReplicaUnavailableError, ServeError
 from .http_codec import WireResponse, error_response
 from .protocol import CALL, COLLECT, LISTEN
+from .tasks import spawn
 from .traffic import TrafficPolicy
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ class ReplicaLink:
     Every query sent to a replica in the same tick is collected and leaves as a single
     message; the reply carries the results that finished first, and a ticket to
     collect the rest, so a slow query never delays its fast companions. This is the
-    transport-level coalescing (never one Dask call per request) and is independent of the user-visible batching a replica may do on top.
+    transport-level coalescing (never one Dask call per request); it is independent
+    of the user-visible batching a replica may do on top.
     """
 
     __slots__ = ("backend", "tag", "address", "key", "in_flight", "_pool", "_pending",
@@ -111,7 +113,7 @@ class ReplicaLink:
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         self._flush_scheduled = False
-        asyncio.ensure_future(self._exchange(batch))
+        spawn(self._exchange(batch))
 
     async def _exchange(self, batch: list[Query]) -> None:
         http = [q for q in batch if q.wire is not None]
@@ -242,7 +244,7 @@ class Router:
     # -- table --------------------------------------------------------------------
     def start(self) -> None:
         if self._listener is None:
-            self._listener = asyncio.ensure_future(self._listen())
+            self._listener = spawn(self._listen())
 
     async def _listen(self) -> None:
         listen = getattr(self._pool(self.scheduler_address), LISTEN)
