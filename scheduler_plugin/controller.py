@@ -17,8 +17,14 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from daskserve.config import BackendConfig, HTTPOptions, ReplicaOptions, normalize_methods
+from daskserve.config import (
+    BackendConfig,
+    HTTPOptions,
+    ReplicaOptions,
+    normalize_methods,
+)
 from daskserve.protocol import CONTROLLER_PREFIX, LISTEN
+from daskserve.tasks import spawn
 from daskserve.traffic import validate_traffic
 
 from .proxies import ProxyFleet
@@ -56,8 +62,8 @@ class ServeController(SchedulerPlugin):
         self._acked = asyncio.Event()
         self._acks: dict[str, int] = {}
         self._shut_down = False
-        self._background: set[asyncio.Task] = set()
-        self._joining: set[asyncio.Task] = set()
+        self._background: set[asyncio.Future] = set()
+        self._joining: set[asyncio.Future] = set()
         self.replicas = ReplicaManager(scheduler, self._publish)
         self.proxies = ProxyFleet(scheduler, HTTPOptions(**self.http_options))
         await self.proxies.start()
@@ -87,9 +93,9 @@ class ServeController(SchedulerPlugin):
         await self._teardown()
 
     # -- background work ----------------------------------------------------------------
-    def _spawn(self, coro: Any) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
+    def _spawn(self, coro: Any) -> asyncio.Future:
+        task = spawn(coro)
+        self._background.add(task)  # tracked here too, to cancel at shutdown
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
         return task
