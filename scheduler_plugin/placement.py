@@ -16,7 +16,6 @@ EPSILON = 1e-9
 @dataclass
 class WorkerCapacity:
     address: str
-    host: str
     total: dict[str, float]
     used: dict[str, float] = field(default_factory=dict)
     replicas: int = 0
@@ -53,7 +52,7 @@ class ResourceLedger:
     def __init__(self) -> None:
         self.workers: dict[str, WorkerCapacity] = {}
 
-    def add_worker(self, address: str, host: str, nthreads: int,
+    def add_worker(self, address: str, nthreads: int,
                    declared: dict[str, float], gpus_found: int) -> None:
         total = dict(declared)
         # A worker that declares no CPU resource offers one CPU per thread; one that
@@ -61,7 +60,7 @@ class ResourceLedger:
         total.setdefault("CPU", float(nthreads))
         total.setdefault("GPU", float(gpus_found))
         previous = self.workers.get(address)  # re-registration keeps the bookings
-        self.workers[address] = previous or WorkerCapacity(address, host, total)
+        self.workers[address] = previous or WorkerCapacity(address, total)
 
     def remove_worker(self, address: str) -> None:
         self.workers.pop(address, None)

@@ -64,7 +64,7 @@ class ReplicaManager:
             except Exception as exc:  # a worker that vanished while we asked
                 logger.info("GPU discovery on %s failed: %r", address, exc)
         if address in self._scheduler.workers:
-            self.ledger.add_worker(address, state.host, state.nthreads,
+            self.ledger.add_worker(address, state.nthreads,
                                    dict(state.resources), gpus)
 
     def lose_worker(self, address: str, backends: dict[str, BackendState]) -> bool:
