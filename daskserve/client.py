@@ -14,8 +14,9 @@ import cloudpickle
 from distributed import Client
 
 from .config import BackendConfig, ReplicaOptions, normalize_methods
+from .errors import EndpointNotFoundError
 from .handle import AsyncServeHandle, ServeHandle, register_home
-from .protocol import CONTROLLER_PREFIX
+from .protocol import ControllerOp
 
 
 class ServeClient:
@@ -30,13 +31,12 @@ class ServeClient:
         self._owns_cluster = owns_cluster
         self._version = 0  # newest routing table our own changes produced
         register_home(self.scheduler_address, dask_client.rpc, dask_client.loop.asyncio_loop)
-        if self._call("info") is None:
+        if self._call(ControllerOp.INFO) is None:
             raise RuntimeError(f"no daskserve instance runs on the scheduler at "
                                f"{self.scheduler_address}; call serve.start(dask_client)")
 
     def _call(self, op: str, **kwargs: Any) -> Any:
-        handler = getattr(self.dask_client.scheduler, CONTROLLER_PREFIX + op)
-        return self.dask_client.sync(handler, **kwargs)
+        return self.dask_client.sync(getattr(self.dask_client.scheduler, op), **kwargs)
 
     def _change(self, op: str, **kwargs: Any) -> None:
         version = self._call(op, **kwargs)
@@ -47,7 +47,11 @@ class ServeClient:
     def create_backend(self, backend_tag: str, func_or_class: Callable | type | str,
                        *init_args: Any, config: BackendConfig | Mapping | None = None,
                        replica_options: Mapping[str, Any] | None = None) -> None:
-        """Start a backend: a function, a class (built with ``init_args``) or an import path."""
+        """Start a backend: a function, a class (built with ``init_args``) or an import path.
+
+        Returns once its replicas run, or raises the first replica's start error. A
+        replica that fits on no worker yet stays pending (see ``list_backends``).
+        """
         if not isinstance(func_or_class, str) and not callable(func_or_class):
             raise TypeError(f"backend must be a function, a class or an import path "
                             f"string, got {type(func_or_class).__name__}")
@@ -56,69 +60,89 @@ class ServeClient:
         backend_config = BackendConfig.coerce(config)
         options = ReplicaOptions.coerce(replica_options)
         spec = cloudpickle.dumps((func_or_class, init_args))
-        self._change("create_backend", tag=backend_tag, spec=spec,
+        self._change(ControllerOp.CREATE_BACKEND, tag=backend_tag, spec=spec,
                      config=backend_config.to_wire(), replica_options=options.to_dict())
 
     def list_backends(self) -> dict[str, dict[str, Any]]:
-        backends = self._call("list_backends")
+        """Each backend's full config, replica options, replica counts by status,
+        overall ``status`` and, when replicas wait or failed, why."""
+        backends = self._call(ControllerOp.LIST_BACKENDS)
         for entry in backends.values():
             entry["user_config"] = cloudpickle.loads(entry["user_config"])
         return backends
 
     def get_backend_config(self, backend_tag: str) -> BackendConfig:
-        return BackendConfig.from_wire(self._call("get_backend_config", tag=backend_tag))
+        """The backend's current ``BackendConfig``."""
+        return BackendConfig.from_wire(
+            self._call(ControllerOp.GET_BACKEND_CONFIG, tag=backend_tag))
 
     def update_backend_config(self, backend_tag: str,
                               config: BackendConfig | Mapping[str, Any]) -> None:
-        """Apply a full ``BackendConfig`` or a dict of the fields to change."""
+        """Apply a full ``BackendConfig`` or a dict of the fields to change.
+
+        Scaling down drains replicas; a changed ``user_config`` reaches every running
+        replica's ``reconfigure`` before this returns.
+        """
         new = self.get_backend_config(backend_tag).updated(config)
-        self._change("update_backend_config", tag=backend_tag, config=new.to_wire())
+        self._change(ControllerOp.UPDATE_BACKEND_CONFIG, tag=backend_tag,
+                     config=new.to_wire())
 
     def delete_backend(self, backend_tag: str) -> None:
-        self._change("delete_backend", tag=backend_tag)
+        """Drain and remove a backend; refused while an endpoint routes or shadows to it."""
+        self._change(ControllerOp.DELETE_BACKEND, tag=backend_tag)
 
     # -- endpoints --------------------------------------------------------------------
     def create_endpoint(self, endpoint_name: str, backend: str | None = None,
                         route: str | None = None, methods: Sequence[str] = ("GET",)) -> None:
-        self._change("create_endpoint", name=endpoint_name, backend=backend, route=route,
-                     methods=normalize_methods(methods))
+        """Name an endpoint, optionally at an HTTP ``route``, optionally sending all its
+        traffic to ``backend``; it is routed by every proxy when this returns."""
+        self._change(ControllerOp.CREATE_ENDPOINT, name=endpoint_name, backend=backend,
+                     route=route, methods=normalize_methods(methods))
 
     def delete_endpoint(self, endpoint_name: str) -> None:
-        self._change("delete_endpoint", name=endpoint_name)
+        """Remove an endpoint and its route; its backends keep running."""
+        self._change(ControllerOp.DELETE_ENDPOINT, name=endpoint_name)
 
     def list_endpoints(self) -> dict[str, dict[str, Any]]:
-        endpoints = self._call("list_endpoints")
+        """Each endpoint's route, methods, traffic weights and shadows."""
+        endpoints = self._call(ControllerOp.LIST_ENDPOINTS)
         for entry in endpoints.values():
             entry["methods"] = list(entry["methods"])  # msgpack hands back tuples
         return endpoints
 
     def set_traffic(self, endpoint_name: str, traffic_policy_dictionary: Mapping[str, float]
                     ) -> None:
+        """Split an endpoint's traffic between backends; weights must sum to 1."""
         if not isinstance(traffic_policy_dictionary, Mapping):
             raise TypeError(f"traffic must be a dict {{backend: weight}}, "
                             f"got {type(traffic_policy_dictionary).__name__}")
-        self._change("set_traffic", endpoint=endpoint_name,
+        self._change(ControllerOp.SET_TRAFFIC, endpoint=endpoint_name,
                      traffic=dict(traffic_policy_dictionary))
 
     def shadow_traffic(self, endpoint_name: str, backend_tag: str, proportion: float) -> None:
-        self._change("shadow_traffic", endpoint=endpoint_name, backend=backend_tag,
-                     proportion=proportion)
+        """Duplicate ``proportion`` of an endpoint's requests to a backend whose
+        answers nobody sees; 0 stops shadowing."""
+        self._change(ControllerOp.SHADOW_TRAFFIC, endpoint=endpoint_name,
+                     backend=backend_tag, proportion=proportion)
 
     # -- handles and lifecycle ------------------------------------------------------
     def get_handle(self, endpoint_name: str, sync: bool = True
                    ) -> ServeHandle | AsyncServeHandle:
+        """A handle calling the endpoint from Python; raises ``EndpointNotFoundError``
+        (a ``KeyError``) if it does not exist."""
         if endpoint_name not in self.list_endpoints():
-            raise KeyError(f"endpoint {endpoint_name!r} does not exist")
+            raise EndpointNotFoundError(f"endpoint {endpoint_name!r} does not exist")
         cls = ServeHandle if sync else AsyncServeHandle
         return cls(self.scheduler_address, endpoint_name, min_version=self._version)
 
     def info(self) -> dict[str, Any]:
         """Proxy URLs, HTTP options and worker resources as the controller sees them."""
-        return self._call("info")
+        return self._call(ControllerOp.INFO)
 
     def shutdown(self) -> None:
-        """Remove every endpoint, backend, replica and proxy; the cluster keeps running."""
-        self._call("shutdown")
+        """Remove every endpoint, backend, replica and proxy; the cluster keeps running
+        unless ``serve.start`` started it."""
+        self._call(ControllerOp.SHUTDOWN)
         if self._owns_cluster:
             cluster = getattr(self.dask_client, "cluster", None)
             self.dask_client.close()

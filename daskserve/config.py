@@ -151,6 +151,10 @@ class ReplicaOptions:
         for key, val in self.env_vars.items():
             _check_type("replica_options.env_vars key", key, (str,), "a string")
             _check_type(f"replica_options.env_vars[{key!r}]", val, (str,), "a string")
+        if self.env is not None:
+            raise ValueError(
+                "replica_options.env (packed environments) is not supported yet: "
+                "replicas run in the worker's own environment; leave env unset")
 
     @classmethod
     def coerce(cls, value: Mapping[str, Any] | None) -> "ReplicaOptions":

@@ -15,6 +15,13 @@ class ReplicaUnavailableError(ServeError):
         self.replica = replica
 
 
-class EndpointNotFoundError(ServeError, LookupError):
-    """A handle or route names an endpoint the controller does not know."""
+class EndpointNotFoundError(ServeError, KeyError, ValueError):
+    """An API call, a handle or a route names an endpoint that does not exist.
+
+    One type wherever it is raised. It is a ``KeyError`` (a lookup by name failed) and
+    a ``ValueError`` (an argument names nothing), so code catching either keeps working.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 

@@ -12,12 +12,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-# A response on the wire: [status, [[name, value], ...], body].
-WireResponse = list
+from .protocol import WireRequest, WireResponse
 
 
 def encode_request(method: str, path: str, query: str, headers: list[tuple[str, str]],
-                   body: bytes, client: tuple[str, int] | None) -> dict[str, Any]:
+                   body: bytes, client: tuple[str, int] | None) -> WireRequest:
     return {"method": method, "path": path, "query": query, "headers": headers,
             "body": body, "client": list(client) if client else None}
 
@@ -30,7 +29,7 @@ class _ReceivedRequest(Request):
         self._body = body
 
 
-def build_request(wire: dict[str, Any]) -> Request:
+def build_request(wire: WireRequest) -> Request:
     """Turn the wire form back into the Starlette ``Request`` user code expects."""
     path = wire["path"]
     scope = {

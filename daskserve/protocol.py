@@ -1,12 +1,122 @@
-"""Names of the operations routers, replicas and the controller exchange.
+"""The wire protocol between routers, replicas and the controller, in one place.
 
-Each is a Dask server handler: the controller's live on the scheduler, the rest on
-the workers that host replicas.
+Every message is a plain msgpack-native value (dicts, lists, str, bytes, numbers), so
+it crosses Dask's comms without pickling and nothing from an HTTP client is ever
+unpickled. The types below are ``TypedDict``s: they document the shape and let type
+checkers follow it, and cost nothing at run time because they *are* dicts.
+
+Handlers are Dask server handlers, named here and nowhere else:
+
+- ``ControllerOp``: on the scheduler, installed by the controller
+  (``scheduler_plugin.controller.ServeController.handlers``);
+- ``WorkerOp``: on each worker, installed by the worker plugin
+  (``daskserve.worker_plugin.ServeWorkerPlugin.handlers``).
 """
-CONTROLLER_PREFIX = "daskserve_"   # scheduler handlers: daskserve_<client API op>
+from __future__ import annotations
 
-CALL = "daskserve_call"          # router -> worker: run a coalesced message
-COLLECT = "daskserve_collect"    # router -> worker: results still running under a ticket
-UPDATE = "daskserve_update"      # controller -> worker: apply a new BackendConfig
-DRAIN = "daskserve_drain"        # controller -> worker: finish in-flight work, take no more
-LISTEN = CONTROLLER_PREFIX + "listen"  # router -> scheduler: long-poll for a newer table
+from typing import Any, TypedDict
+
+
+class ControllerOp:
+    """Scheduler handlers: the client API and the routers' long-poll."""
+
+    LISTEN = "daskserve_listen"                  # router: wait for a newer RoutingTable
+    INFO = "daskserve_info"
+    SHUTDOWN = "daskserve_shutdown"
+    CREATE_BACKEND = "daskserve_create_backend"
+    LIST_BACKENDS = "daskserve_list_backends"
+    GET_BACKEND_CONFIG = "daskserve_get_backend_config"
+    UPDATE_BACKEND_CONFIG = "daskserve_update_backend_config"
+    DELETE_BACKEND = "daskserve_delete_backend"
+    CREATE_ENDPOINT = "daskserve_create_endpoint"
+    DELETE_ENDPOINT = "daskserve_delete_endpoint"
+    LIST_ENDPOINTS = "daskserve_list_endpoints"
+    SET_TRAFFIC = "daskserve_set_traffic"
+    SHADOW_TRAFFIC = "daskserve_shadow_traffic"
+
+
+class WorkerOp:
+    """Worker handlers: the request fast path and the controller's replica commands."""
+
+    CALL = "daskserve_call"                # router: run a CallMessage, get a CallReply
+    COLLECT = "daskserve_collect"          # router: the rest of a message, by ticket
+    UPDATE = "daskserve_update"            # controller: apply a new BackendConfig
+    DRAIN = "daskserve_drain"              # controller: finish in-flight work, take no more
+    LOCATE = "daskserve_locate"            # controller: where a replica answers CALL
+    START_PROXY = "daskserve_start_proxy"  # controller: run an EveryNode proxy here
+    STOP_PROXY = "daskserve_stop_proxy"
+
+
+# -- HTTP requests and responses ------------------------------------------------------
+class WireRequest(TypedDict):
+    """An HTTP request as the proxy read it; the replica rebuilds a Starlette Request."""
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    client: list | None          # [host, port] of the HTTP client
+
+
+# A response: [status, [[name, value], ...], body]. A list, not a dict, because one
+# travels per HTTP request and msgpack packs a three-element array tighter.
+WireResponse = list
+
+
+# -- routing table: controller -> routers ---------------------------------------------
+class EndpointRoute(TypedDict):
+    route: str | None            # None: reachable by handle only
+    methods: list[str]
+    traffic: dict[str, float]    # backend tag -> weight, summing to 1
+    shadows: dict[str, float]    # backend tag -> share of requests duplicated to it
+
+
+class ReplicaRoute(TypedDict):
+    tag: str                     # the replica's name, unique in the instance
+    address: str                 # the Dask server that answers WorkerOp.CALL for it
+
+
+class BackendRoute(TypedDict):
+    max_concurrent_queries: int
+    replicas: list[ReplicaRoute]  # running replicas only
+
+
+class RoutingTable(TypedDict, total=False):
+    """Everything a router needs, replaced whole on every change.
+
+    A table with ``shutdown`` set carries nothing else: the instance is gone and
+    routers stop polling.
+    """
+
+    version: int
+    endpoints: dict[str, EndpointRoute]
+    backends: dict[str, BackendRoute]
+    shutdown: bool
+
+
+# -- router -> replica ----------------------------------------------------------------
+class CallMessage(TypedDict, total=False):
+    """The queries one router sent one replica in one loop tick (WorkerOp.CALL).
+
+    ``replica`` is always there; ``http`` and ``calls`` only when non-empty.
+    """
+
+    replica: str                 # ReplicaRoute.tag
+    http: list[WireRequest]
+    calls: bytes                 # cloudpickled [(method, args, kwargs), ...]: one blob
+
+
+class CallReply(TypedDict, total=False):
+    """What finished first; indices refer to the message's ``http`` and ``calls``.
+
+    ``retry`` says the replica took none of it (gone or draining), so the router may
+    send everything elsewhere; ``lost`` (collect only) says the ticket's work is gone.
+    """
+
+    http: list[list]             # [[index, WireResponse], ...]
+    calls: bytes                 # cloudpickled [(index, ok, value_or_exception), ...]
+    ticket: int                  # collect the rest with WorkerOp.COLLECT
+    retry: bool
+    lost: bool
+    error: Any                   # why the rest was lost (router side only)

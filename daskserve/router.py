@@ -4,8 +4,9 @@ It holds the routing table the controller pushes (endpoints, traffic policies,
 replicas of each backend) and turns a request into a query on one replica:
 weighted or shard-keyed backend choice, shadow copies, a replica picked by the
 power of two choices among those under ``max_concurrent_queries``, and a wait
-queue per backend when every replica is full. Each step is O(1) in the number of
-endpoints, backends and replicas.
+queue per backend when every replica is full. Finding the endpoint and the backend
+is a dict lookup, whatever their number; picking a replica samples two, and scans
+the backend's replicas only when both samples are full.
 
 A router lives on one event loop (the proxy's, a worker's or a Dask client's) and
 learns table changes by long-polling the controller; a new table is swapped in
@@ -25,8 +26,9 @@ from distributed.comm.core import CommClosedError
 from distributed.core import ConnectionPool, send_recv
 
 from .errors import EndpointNotFoundError, ReplicaUnavailableError, ServeError
-from .http_codec import WireResponse, error_response
-from .protocol import CALL, COLLECT, LISTEN
+from .http_codec import error_response
+from .protocol import (CallMessage, CallReply, ControllerOp, RoutingTable, WireRequest,
+                       WireResponse, WorkerOp)
 from .tasks import spawn
 from .traffic import TrafficPolicy
 
@@ -41,7 +43,8 @@ class Query:
     __slots__ = ("endpoint", "backend", "wire", "method", "args", "kwargs", "shard_key",
                  "future", "excluded", "attempts")
 
-    def __init__(self, endpoint: str, *, wire: dict | None = None, method: str = "__call__",
+    def __init__(self, endpoint: str, *, wire: WireRequest | None = None,
+                 method: str = "__call__",
                  args: tuple = (), kwargs: dict | None = None, shard_key: Any = None,
                  future: asyncio.Future | None = None):
         self.endpoint = endpoint
@@ -88,15 +91,14 @@ class ReplicaLink:
     of the user-visible batching a replica may do on top.
     """
 
-    __slots__ = ("backend", "tag", "address", "key", "in_flight", "_pool", "_pending",
+    __slots__ = ("backend", "tag", "address", "in_flight", "_pool", "_pending",
                  "_flush_scheduled", "_on_done")
 
-    def __init__(self, backend: str, tag: str, address: str, key: str,
-                 pool: ConnectionPool, on_done: Callable[["ReplicaLink", list, bool], None]):
+    def __init__(self, backend: str, tag: str, address: str, pool: ConnectionPool,
+                 on_done: Callable[["ReplicaLink", list, bool], None]):
         self.backend = backend
         self.tag = tag
         self.address = address
-        self.key = key
         self.in_flight = 0
         self._pool = pool
         self._pending: list[Query] = []
@@ -118,7 +120,7 @@ class ReplicaLink:
     async def _exchange(self, batch: list[Query]) -> None:
         http = [q for q in batch if q.wire is not None]
         calls = [q for q in batch if q.wire is None]
-        message: dict[str, Any] = {"key": self.key}
+        message: CallMessage = {"replica": self.tag}
         if http:
             message["http"] = [q.wire for q in http]
         if calls:
@@ -130,7 +132,7 @@ class ReplicaLink:
             self._on_done(self, batch, True)
             return
         try:
-            reply = await send_recv(comm, op=CALL, **message)
+            reply = await send_recv(comm, op=WorkerOp.CALL, **message)
         except (CommClosedError, OSError) as exc:
             self._fail(batch, ReplicaUnavailableError(self.backend, self.tag, str(exc) or
                                                       type(exc).__name__))
@@ -145,7 +147,7 @@ class ReplicaLink:
             return
         await self._deliver(reply, dict(enumerate(http)), dict(enumerate(calls)))
 
-    async def _deliver(self, reply: dict, http: dict[int, Query],
+    async def _deliver(self, reply: CallReply, http: dict[int, Query],
                        calls: dict[int, Query]) -> None:
         """Hand out results as they arrive, collecting stragglers by ticket."""
         while True:
@@ -162,8 +164,8 @@ class ReplicaLink:
             if "ticket" not in reply:
                 return
             try:
-                reply = await getattr(self._pool(self.address), COLLECT)(
-                    key=self.key, ticket=reply["ticket"])
+                reply = await getattr(self._pool(self.address), WorkerOp.COLLECT)(
+                    replica=self.tag, ticket=reply["ticket"])
             except Exception as exc:
                 reply = {"lost": True, "error": exc}
             if reply.get("lost"):
@@ -247,7 +249,7 @@ class Router:
             self._listener = spawn(self._listen())
 
     async def _listen(self) -> None:
-        listen = getattr(self._pool(self.scheduler_address), LISTEN)
+        listen = getattr(self._pool(self.scheduler_address), ControllerOp.LISTEN)
         while not self.closed:
             try:
                 table = await listen(version=self.version, listener=self.listener_id)
@@ -263,14 +265,14 @@ class Router:
             if table["version"] != self.version:
                 self.apply(table)
 
-    def apply(self, table: dict) -> None:
+    def apply(self, table: RoutingTable) -> None:
         """Swap in a new table; re-dispatch what waited on replicas that changed."""
         old_backends = self._backends
         backends: dict[str, _Backend] = {}
         for tag, spec in table["backends"].items():
-            links = [self._links.get(rtag) or ReplicaLink(tag, rtag, address, key,
-                                                          self._pool, self._done)
-                     for rtag, address, key in spec["replicas"]]
+            links = [self._links.get(r["tag"]) or ReplicaLink(tag, r["tag"], r["address"],
+                                                              self._pool, self._done)
+                     for r in spec["replicas"]]
             previous = old_backends.get(tag)
             backends[tag] = _Backend(tag, spec["max_concurrent_queries"], links,
                                      previous.waiting if previous else deque())
@@ -376,7 +378,7 @@ class Router:
             self._release_waiting(backend)
 
     # -- entry points ---------------------------------------------------------------
-    async def http(self, endpoint: str, wire: dict, shard_key: str | None,
+    async def http(self, endpoint: str, wire: WireRequest, shard_key: str | None,
                    timeout: float | None = None) -> WireResponse:
         loop = asyncio.get_running_loop()
         future = loop.create_future()

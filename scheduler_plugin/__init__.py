@@ -22,10 +22,8 @@ __all__ = ["PLUGIN_NAME", "ServeController", "dask_setup"]
 @click.option("--serve-http-location", default="HeadOnly", show_default=True,
               type=click.Choice(["HeadOnly", "EveryNode", "NoServer"]),
               help="Where HTTP proxies run.")
-@click.option("--serve-checkpoint-path", default=None,
-              help="Where the controller checkpoints its state (reserved).")
 def dask_setup(scheduler: Any, serve_http_host: str, serve_http_port: int,
-               serve_http_location: str, serve_checkpoint_path: str | None) -> None:
+               serve_http_location: str) -> None:
     controller = ServeController({"host": serve_http_host, "port": serve_http_port,
                                   "location": serve_http_location})
     # Preloads run before the scheduler starts its plugins, which starts this one.

@@ -1,10 +1,12 @@
 """The controller: a Dask scheduler plugin that owns a serve instance.
 
-It keeps the desired state (backends, endpoints, traffic, shadows), turns it into
-replicas through ``ReplicaManager``, exposes the client API as scheduler handlers
-(``daskserve_<op>``), and publishes routing tables to routers by long-poll. API
-calls that change routing return only after every proxy has applied the change,
-so an HTTP request sent right after ``create_endpoint`` returns is routed.
+It changes the desired state (``state.DesiredState``) on behalf of the client API,
+turns it into replicas through ``ReplicaManager`` (which keeps the observed state),
+exposes the API as the scheduler handlers named in ``protocol.ControllerOp``, and
+publishes routing tables to routers by long-poll. An API call that changes routing
+waits until every proxy has applied the change (up to ``PROXY_ACK_TIMEOUT_S``, then
+logs which proxies lag and returns), so an HTTP request sent right after
+``create_endpoint`` returns is routed.
 
 Nothing here unpickles user data: backend code and ``user_config`` arrive as
 bytes pickled by the calling Python client and go to replicas as they are.
@@ -13,34 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps
 
-from daskserve.config import (
-    BackendConfig,
-    HTTPOptions,
-    ReplicaOptions,
-    normalize_methods,
-)
-from daskserve.protocol import CONTROLLER_PREFIX, LISTEN
+from daskserve.config import HTTPOptions
+from daskserve.protocol import ControllerOp, RoutingTable
 from daskserve.tasks import spawn
-from daskserve.traffic import validate_traffic
+from daskserve.worker_plugin import PLUGIN_NAME as WORKER_PLUGIN_NAME
+from daskserve.worker_plugin import ServeWorkerPlugin
 
 from .proxies import ProxyFleet
 from .replicas import ReplicaManager
-from .state import BackendState, EndpointState, routing_table
+from .state import DesiredState, ObservedState, describe_backend, routing_table
 
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "daskserve"
 LISTEN_TIMEOUT_S = 15.0
 PROXY_ACK_TIMEOUT_S = 10.0
-
-
-def _check_name(kind: str, name: Any) -> None:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{kind} name must be a non-empty string, got {name!r}")
 
 
 class ServeController(SchedulerPlugin):
@@ -52,24 +46,43 @@ class ServeController(SchedulerPlugin):
     def __init__(self, http_options: dict | None = None):
         self.http_options = HTTPOptions.coerce(http_options).to_dict()
 
+    def handlers(self) -> dict[str, Callable]:
+        """The client API and the routers' long-poll, as scheduler handlers."""
+        return {
+            ControllerOp.LISTEN: self.listen,
+            ControllerOp.INFO: self.info,
+            ControllerOp.SHUTDOWN: self.shutdown,
+            ControllerOp.CREATE_BACKEND: self.create_backend,
+            ControllerOp.LIST_BACKENDS: self.list_backends,
+            ControllerOp.GET_BACKEND_CONFIG: self.get_backend_config,
+            ControllerOp.UPDATE_BACKEND_CONFIG: self.update_backend_config,
+            ControllerOp.DELETE_BACKEND: self.delete_backend,
+            ControllerOp.CREATE_ENDPOINT: self.create_endpoint,
+            ControllerOp.DELETE_ENDPOINT: self.delete_endpoint,
+            ControllerOp.LIST_ENDPOINTS: self.list_endpoints,
+            ControllerOp.SET_TRAFFIC: self.set_traffic,
+            ControllerOp.SHADOW_TRAFFIC: self.shadow_traffic,
+        }
+
     # -- plugin hooks -------------------------------------------------------------
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        self.backends: dict[str, BackendState] = {}
-        self.endpoints: dict[str, EndpointState] = {}
-        self.version = 0
+        self.desired = DesiredState()
+        self.observed = ObservedState()
+        self.version = 0  # of the routing table
         self._changed = asyncio.Event()
         self._acked = asyncio.Event()
         self._acks: dict[str, int] = {}
         self._shut_down = False
         self._background: set[asyncio.Future] = set()
         self._joining: set[asyncio.Future] = set()
-        self.replicas = ReplicaManager(scheduler, self._publish)
+        # Workers get the worker plugin before they run any task, joining ones too.
+        await scheduler.register_worker_plugin(None, dumps(ServeWorkerPlugin()),
+                                               name=WORKER_PLUGIN_NAME, idempotent=True)
+        self.replicas = ReplicaManager(scheduler, self.observed, self._publish)
         self.proxies = ProxyFleet(scheduler, HTTPOptions(**self.http_options))
         await self.proxies.start()
-        for name in dir(self):
-            if name.startswith("op_"):
-                scheduler.handlers[CONTROLLER_PREFIX + name[3:]] = getattr(self, name)
+        scheduler.handlers.update(self.handlers())
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
         await self._workers_settled()
@@ -86,7 +99,7 @@ class ServeController(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         self.proxies.lose_worker(worker)
-        if self.replicas.lose_worker(worker, self.backends):
+        if self.replicas.lose_worker(worker):
             self._spawn(self._publish_and_reconcile())
 
     async def close(self) -> None:
@@ -104,7 +117,7 @@ class ServeController(SchedulerPlugin):
         await self.replicas.add_worker(address)
         state = self.scheduler.workers.get(address)
         if state is not None:
-            await self.proxies.add_worker(self.replicas.client, address, state.host)
+            await self.proxies.add_worker(address, state.host)
         await self._reconcile_all()
 
     async def _publish_and_reconcile(self) -> None:
@@ -112,14 +125,15 @@ class ServeController(SchedulerPlugin):
         await self._reconcile_all()
 
     async def _reconcile_all(self) -> None:
-        for backend in list(self.backends.values()):
-            if any(r.status == "pending" for r in backend.replicas.values()) or \
-                    len(backend.replicas) < backend.num_replicas:
-                await self.replicas.reconcile(backend)
+        for spec in list(self.desired.backends.values()):
+            observed = self.observed.of(spec.tag)
+            if any(r.status == "pending" for r in observed.replicas.values()) or \
+                    len(observed.replicas) < spec.num_replicas:
+                await self.replicas.reconcile(spec)
 
     # -- routing table ------------------------------------------------------------------
-    def table(self) -> dict[str, Any]:
-        return routing_table(self.version, self.backends, self.endpoints)
+    def table(self) -> RoutingTable:
+        return routing_table(self.version, self.desired, self.observed)
 
     async def _publish(self) -> None:
         """Announce a new table and wait until every proxy routes by it."""
@@ -140,7 +154,7 @@ class ServeController(SchedulerPlugin):
             except asyncio.TimeoutError:
                 pass
 
-    async def op_listen(self, version: int, listener: str) -> dict[str, Any]:
+    async def listen(self, version: int, listener: str) -> RoutingTable:
         """Long-poll: return the table once it is newer than ``version``."""
         self._acks[listener] = version
         acked, self._acked = self._acked, asyncio.Event()
@@ -157,46 +171,33 @@ class ServeController(SchedulerPlugin):
         return self.table()
 
     # -- backends ---------------------------------------------------------------
-    async def op_create_backend(self, tag: str, spec: bytes, config: dict,
-                                replica_options: dict) -> int:
-        _check_name("backend", tag)
-        BackendConfig.validate_wire(config)
-        ReplicaOptions(**replica_options)
+    async def create_backend(self, tag: str, spec: bytes, config: dict,
+                             replica_options: dict) -> int:
         await self._workers_settled()
-        if tag in self.backends:
-            raise ValueError(f"backend {tag!r} already exists")
-        backend = BackendState(tag, spec, config, replica_options)
-        self.backends[tag] = backend
+        backend = self.desired.add_backend(tag, spec, config, replica_options)
         errors = await self.replicas.reconcile(backend)
         if errors:
-            await self.replicas.remove_backend(backend)
-            self.backends.pop(tag, None)
+            self.desired.remove_backend(tag)
+            await self.replicas.remove_backend(tag)
             await self._publish()
             raise RuntimeError(f"backend {tag!r} failed to start: {errors[0]}")
         return self.version
 
-    def _backend(self, tag: str) -> BackendState:
-        try:
-            return self.backends[tag]
-        except KeyError:
-            raise ValueError(f"backend {tag!r} does not exist") from None
+    async def list_backends(self) -> dict[str, dict]:
+        return {tag: describe_backend(spec, self.observed.of(tag))
+                for tag, spec in self.desired.backends.items()}
 
-    async def op_list_backends(self) -> dict[str, dict]:
-        return {tag: b.describe() for tag, b in self.backends.items()}
+    async def get_backend_config(self, tag: str) -> dict:
+        return self.desired.backend(tag).config
 
-    async def op_get_backend_config(self, tag: str) -> dict:
-        return self._backend(tag).config
-
-    async def op_update_backend_config(self, tag: str, config: dict) -> int:
-        backend = self._backend(tag)
-        BackendConfig.validate_wire(config)
-        old = backend.config
-        backend.config = config
+    async def update_backend_config(self, tag: str, config: dict) -> int:
+        old = self.desired.set_backend_config(tag, config)
+        backend = self.desired.backend(tag)
         try:
             await self.replicas.push_config(
                 backend, reconfigure=config["user_config"] != old["user_config"])
         except Exception:
-            backend.config = old
+            self.desired.set_backend_config(tag, old)
             raise
         await self._publish()
         await self._workers_settled()
@@ -205,80 +206,43 @@ class ServeController(SchedulerPlugin):
             raise RuntimeError(f"backend {tag!r}: new replicas failed to start: {errors[0]}")
         return self.version
 
-    async def op_delete_backend(self, tag: str) -> int:
-        backend = self._backend(tag)
-        for endpoint in self.endpoints.values():
-            if tag in endpoint.traffic or tag in endpoint.shadows:
-                raise ValueError(
-                    f"backend {tag!r} is used by endpoint {endpoint.name!r}; change that "
-                    f"endpoint's traffic (or stop shadowing) before deleting the backend")
-        del self.backends[tag]
-        await self.replicas.remove_backend(backend)
+    async def delete_backend(self, tag: str) -> int:
+        self.desired.remove_backend(tag)
+        await self.replicas.remove_backend(tag)
         return self.version
 
     # -- endpoints --------------------------------------------------------------------
-    def _endpoint(self, name: str) -> EndpointState:
-        try:
-            return self.endpoints[name]
-        except KeyError:
-            raise ValueError(f"endpoint {name!r} does not exist") from None
-
-    async def op_create_endpoint(self, name: str, backend: str | None, route: str | None,
-                                 methods: list[str]) -> int:
-        _check_name("endpoint", name)
-        if name in self.endpoints:
-            raise ValueError(f"endpoint {name!r} already exists")
-        if route is not None:
-            if not isinstance(route, str) or not route.startswith("/"):
-                raise ValueError(f"route must be a path starting with '/', got {route!r}")
-            if route.startswith("/-/"):
-                raise ValueError(f"route {route!r} is reserved for built-in routes")
-            for other in self.endpoints.values():
-                if other.route == route:
-                    raise ValueError(f"route {route!r} is already used by endpoint "
-                                     f"{other.name!r}")
-        if backend is not None:
-            self._backend(backend)
-        self.endpoints[name] = EndpointState(
-            name, route, normalize_methods(methods), {backend: 1.0} if backend else {})
+    async def create_endpoint(self, name: str, backend: str | None, route: str | None,
+                              methods: list[str]) -> int:
+        self.desired.add_endpoint(name, backend, route, methods)
         await self._publish()
         return self.version
 
-    async def op_delete_endpoint(self, name: str) -> int:
-        self._endpoint(name)
-        del self.endpoints[name]
+    async def delete_endpoint(self, name: str) -> int:
+        self.desired.remove_endpoint(name)
         await self._publish()
         return self.version
 
-    async def op_list_endpoints(self) -> dict[str, dict]:
-        return {name: e.describe() for name, e in self.endpoints.items()}
+    async def list_endpoints(self) -> dict[str, dict]:
+        return {name: e.describe() for name, e in self.desired.endpoints.items()}
 
-    async def op_set_traffic(self, endpoint: str, traffic: dict) -> int:
-        state = self._endpoint(endpoint)
-        state.traffic = validate_traffic(endpoint, traffic, set(self.backends))
+    async def set_traffic(self, endpoint: str, traffic: dict) -> int:
+        self.desired.set_traffic(endpoint, traffic)
         await self._publish()
         return self.version
 
-    async def op_shadow_traffic(self, endpoint: str, backend: str, proportion: float) -> int:
-        state = self._endpoint(endpoint)
-        self._backend(backend)
-        if isinstance(proportion, bool) or not isinstance(proportion, (int, float)) or \
-                not 0 <= proportion <= 1:
-            raise ValueError(f"shadow proportion must be a number in [0, 1], got {proportion!r}")
-        if proportion == 0:
-            state.shadows.pop(backend, None)
-        else:
-            state.shadows[backend] = float(proportion)
+    async def shadow_traffic(self, endpoint: str, backend: str, proportion: float) -> int:
+        self.desired.set_shadow(endpoint, backend, proportion)
         await self._publish()
         return self.version
 
     # -- instance -----------------------------------------------------------------
-    async def op_info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
         return {"version": self.version, "http_options": self.http_options,
                 "proxies": self.proxies.addresses(),
                 "workers": self.replicas.ledger.snapshot()}
 
-    async def op_shutdown(self) -> None:
+    async def shutdown(self) -> None:
         await self._teardown()
         if self.scheduler.plugins.get(PLUGIN_NAME) is self:
             self.scheduler.remove_plugin(PLUGIN_NAME)
@@ -288,17 +252,19 @@ class ServeController(SchedulerPlugin):
             return
         self._shut_down = True
         self._changed.set()  # routers learn of the shutdown and stop polling
-        await self.proxies.stop(self.replicas.client)
-        self.endpoints.clear()
-        for backend in list(self.backends.values()):
-            await self.replicas.remove_backend(backend)
-        self.backends.clear()
+        await self.proxies.stop()
+        tags = list(self.desired.backends)
+        self.desired.clear()
+        for tag in tags:
+            await self.replicas.remove_backend(tag)
         for task in list(self._background):
             task.cancel()
         await self.replicas.close()
-        for name in list(self.scheduler.handlers):
-            if name.startswith(CONTROLLER_PREFIX) and name != LISTEN:
-                del self.scheduler.handlers[name]
+        if WORKER_PLUGIN_NAME in self.scheduler.worker_plugins:
+            await self.scheduler.unregister_worker_plugin(None, name=WORKER_PLUGIN_NAME)
+        for name in self.handlers():
+            if name != ControllerOp.LISTEN:  # routers still polling learn of the shutdown
+                self.scheduler.handlers.pop(name, None)
 
 
 def _log_failure(task: asyncio.Task) -> None:

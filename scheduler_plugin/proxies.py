@@ -1,9 +1,10 @@
 """Where HTTP proxies run: next to the scheduler, on every worker host, or nowhere.
 
 A proxy is a ``daskserve.proxy.Proxy`` on some Dask server's event loop with its
-own router. "HeadOnly" runs it in the scheduler process; "EveryNode" runs one in
-one worker process per host. Each proxy's router identifies itself to the
-controller so that API calls return only once every proxy routes by the change.
+own router. "HeadOnly" runs it in the scheduler process; "EveryNode" runs one per
+host, in one of its workers, through that worker's plugin (``WorkerOp.START_PROXY``).
+Each proxy's router identifies itself to the controller so that API calls wait until
+every proxy routes by the change.
 """
 from __future__ import annotations
 
@@ -11,27 +12,11 @@ import logging
 from typing import Any
 
 from daskserve.config import HTTPOptions
+from daskserve.protocol import WorkerOp
 from daskserve.proxy import Proxy
 from daskserve.router import Router
 
 logger = logging.getLogger(__name__)
-
-_WORKER_ATTRIBUTE = "_daskserve_proxy"
-
-
-async def _start_on_worker(options: dict, listener_id: str, dask_worker: Any = None) -> int:
-    proxy = Proxy(Router(dask_worker.rpc, dask_worker.scheduler.address, listener_id),
-                  HTTPOptions(**options))
-    await proxy.start()
-    setattr(dask_worker, _WORKER_ATTRIBUTE, proxy)
-    return proxy.port
-
-
-async def _stop_on_worker(dask_worker: Any = None) -> None:
-    proxy = getattr(dask_worker, _WORKER_ATTRIBUTE, None)
-    if proxy is not None:
-        await proxy.stop()
-        delattr(dask_worker, _WORKER_ATTRIBUTE)
 
 
 class ProxyFleet:
@@ -51,15 +36,17 @@ class ProxyFleet:
             await self.head.start()
             self.listener_ids.add(router.listener_id)
 
-    async def add_worker(self, client_getter: Any, address: str, host: str) -> None:
+    def _on_worker(self, address: str, op: str) -> Any:
+        return getattr(self._scheduler.rpc(address), op)
+
+    async def add_worker(self, address: str, host: str) -> None:
         if self.options.location != "EveryNode" or host in self.on_hosts:
             return
         self.on_hosts[host] = address
         listener_id = f"proxy-{address}"
-        client = await client_getter()
         try:
-            await client.run(_start_on_worker, self.options.to_dict(), listener_id,
-                             workers=[address])
+            await self._on_worker(address, WorkerOp.START_PROXY)(
+                options=self.options.to_dict(), listener_id=listener_id)
             self.listener_ids.add(listener_id)
         except Exception as exc:
             logger.warning("could not start a proxy on %s: %r", address, exc)
@@ -79,12 +66,14 @@ class ProxyFleet:
         urls += [f"http://{host}:{self.options.port}" for host in self.on_hosts]
         return urls
 
-    async def stop(self, client_getter: Any) -> None:
+    async def stop(self) -> None:
         if self.head is not None:
             await self.head.stop()
             self.head = None
-        if self.on_hosts:
-            client = await client_getter()
-            await client.run(_stop_on_worker, workers=list(self.on_hosts.values()))
-            self.on_hosts.clear()
+        for address in self.on_hosts.values():
+            try:
+                await self._on_worker(address, WorkerOp.STOP_PROXY)()
+            except Exception as exc:  # a worker that is going away anyway
+                logger.info("stopping the proxy on %s: %r", address, exc)
+        self.on_hosts.clear()
         self.listener_ids.clear()

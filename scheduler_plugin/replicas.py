@@ -1,9 +1,12 @@
 """Replica lifecycle: bring each backend's replicas to the count its config asks.
 
-Replicas are Dask actors created through the controller's own client, which holds
-their futures for as long as they live. Scale-down drains: a replica leaves the
-routing table first, then is told to finish what it has (new arrivals are bounced
-back to the router and retried elsewhere), and only then is its actor released.
+The manager owns the observed state: which replicas exist, where, in what status.
+It reads the desired state (a backend's spec) and never edits it. Replicas are hosted
+by Dask actors (``daskserve.replica_host.ActorHost``) created through the
+controller's own client, which holds their futures for as long as they live.
+Scale-down drains: a replica leaves the routing table first, then is told to finish
+what it has (new arrivals are bounced back to the router and retried elsewhere), and
+only then is its actor released.
 """
 from __future__ import annotations
 
@@ -16,12 +19,12 @@ from typing import Any, Awaitable, Callable
 from distributed import Client
 
 from daskserve.config import ReplicaOptions
-from daskserve.protocol import DRAIN, UPDATE
 from daskserve.gpus import count_gpus
-from daskserve.replica import Replica
+from daskserve.protocol import WorkerOp
+from daskserve.replica_host import ActorHost
 
 from .placement import ResourceLedger
-from .state import BackendState, ReplicaState
+from .state import BackendReplicas, BackendSpec, ObservedState, ReplicaState
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +32,10 @@ DRAIN_TIMEOUT_S = 120.0
 
 
 class ReplicaManager:
-    def __init__(self, scheduler: Any, publish: Callable[[], Awaitable[None]]):
+    def __init__(self, scheduler: Any, observed: ObservedState,
+                 publish: Callable[[], Awaitable[None]]):
         self._scheduler = scheduler
+        self.observed = observed
         self._publish = publish
         self.ledger = ResourceLedger()
         self._client: Client | None = None
@@ -67,119 +72,145 @@ class ReplicaManager:
             self.ledger.add_worker(address, state.nthreads,
                                    dict(state.resources), gpus)
 
-    def lose_worker(self, address: str, backends: dict[str, BackendState]) -> bool:
+    def lose_worker(self, address: str) -> bool:
         """Forget a dead worker and the replicas it held; True if it held any.
 
         Reconciliation then starts replacements, under new tags, wherever they fit.
         """
         self.ledger.remove_worker(address)
         lost = False
-        for backend in backends.values():
+        for backend in self.observed.backends.values():
             for replica in list(backend.replicas.values()):
-                if replica.address == address:
+                if replica.worker == address:
                     lost = True
                     self._forget_actor(replica)
                     del backend.replicas[replica.tag]
         return lost
 
     # -- reconciliation -----------------------------------------------------------------
-    async def reconcile(self, backend: BackendState) -> list[str]:
+    async def reconcile(self, spec: BackendSpec) -> list[str]:
         """Start or drain replicas until ``num_replicas`` are live; returns start errors."""
-        async with self._locks[backend.tag]:
-            live = [r for r in backend.replicas.values() if r.status != "draining"]
-            demand = ReplicaOptions(**backend.options).demand()
-            for _ in range(backend.num_replicas - len(live)):
-                tag = f"{backend.tag}#{uuid.uuid4().hex[:8]}"
-                backend.replicas[tag] = ReplicaState(tag, backend.tag, demand)
-            surplus = len(live) - backend.num_replicas
-            victims = sorted(live, key=lambda r: ("pending", "starting", "running").index(
-                r.status))[:max(0, surplus)]
-            errors = await self._start_pending(backend)
+        return await self._reconcile(spec, spec.num_replicas)
+
+    async def remove_backend(self, tag: str) -> None:
+        """Drain every replica of a backend the desired state no longer has."""
+        observed = self.observed.backends.get(tag)
+        if observed is not None:
+            async with self._locks[tag]:
+                await self._scale(tag, observed, 0)
+            self.observed.backends.pop(tag, None)
+            self._locks.pop(tag, None)
+
+    async def _reconcile(self, spec: BackendSpec, target: int) -> list[str]:
+        async with self._locks[spec.tag]:
+            observed = self.observed.of(spec.tag)
+            demand = spec.demand()
+            for _ in range(target - len(observed.live())):
+                tag = f"{spec.tag}#{uuid.uuid4().hex[:8]}"
+                observed.replicas[tag] = ReplicaState(tag, spec.tag, demand)
+            errors = await self._start_pending(spec, observed)
             if errors:
-                backend.last_error = errors[-1]
+                observed.last_error = errors[-1]
                 await self._publish()
-            elif all(r.status == "running" for r in backend.replicas.values()):
-                backend.last_error = None
-            if victims:
-                await self._drain(backend, victims)
+            elif all(r.status == "running" for r in observed.replicas.values()):
+                observed.last_error = None
+            await self._scale(spec.tag, observed, target)
             return errors
 
-    async def _start_pending(self, backend: BackendState) -> list[str]:
-        starting = []
-        for replica in backend.replicas.values():
-            if replica.status != "pending":
-                continue
-            address = self.ledger.choose(replica.demand)
-            if address is None:
-                continue
-            replica.gpu_slots = self.ledger.reserve(address, replica.demand)
-            replica.status, replica.address = "starting", address
-            starting.append(replica)
-        if not starting:
-            return []
-        outcomes = await asyncio.gather(*(self._start(backend, r) for r in starting))
-        await self._publish()
-        return [error for error in outcomes if error]
-
-    async def _start(self, backend: BackendState, replica: ReplicaState) -> str | None:
-        client = await self.client()
-        env_vars = ReplicaOptions(**backend.options).environment()
-        future = client.submit(Replica, backend.tag, replica.tag, backend.spec,
-                               backend.config, env_vars, replica.gpu_slots, actor=True,
-                               workers=[replica.address], allow_other_workers=False,
-                               pure=False, key=f"daskserve-replica-{replica.tag}")
-        try:
-            await future
-        except Exception as exc:
-            future.release()
-            self._forget_actor(replica)
-            backend.replicas.pop(replica.tag, None)
-            logger.warning("replica %s failed to start: %r", replica.tag, exc)
-            return f"{type(exc).__name__}: {exc}"
-        if backend.replicas.get(replica.tag) is not replica or replica.status != "starting":
-            future.release()  # removed or its worker died while it was starting
-            return None
-        replica.future, replica.key, replica.status = future, future.key, "running"
-        return None
-
-    async def _drain(self, backend: BackendState, victims: list[ReplicaState]) -> None:
+    async def _scale(self, tag: str, observed: BackendReplicas, target: int) -> None:
+        """Drain the surplus over ``target``, least advanced replicas first."""
+        live = observed.live()
+        surplus = len(live) - target
+        if surplus <= 0:
+            return
+        order = ("pending", "starting", "running")
+        victims = sorted(live, key=lambda r: order.index(r.status))[:surplus]
         for replica in victims:
             if replica.status == "pending":
-                del backend.replicas[replica.tag]
+                del observed.replicas[replica.tag]
             else:
                 replica.status = "draining"
         await self._publish()  # routers stop choosing them before they are told to drain
-        await asyncio.gather(*(self._stop(backend, r) for r in victims
+        await asyncio.gather(*(self._stop(observed, r) for r in victims
                                if r.status == "draining"))
 
-    async def _stop(self, backend: BackendState, replica: ReplicaState) -> None:
-        if replica.key is not None and replica.address is not None:
+    async def _start_pending(self, spec: BackendSpec, observed: BackendReplicas) -> list[str]:
+        starting = []
+        for replica in observed.replicas.values():
+            if replica.status != "pending":
+                continue
+            worker = self.ledger.choose(replica.demand)
+            if worker is None:
+                continue
+            replica.gpu_slots = self.ledger.reserve(worker, replica.demand)
+            replica.status, replica.worker = "starting", worker
+            starting.append(replica)
+        if not starting:
+            return []
+        outcomes = await asyncio.gather(*(self._start(spec, observed, r) for r in starting))
+        await self._publish()
+        return [error for error in outcomes if error]
+
+    async def _start(self, spec: BackendSpec, observed: BackendReplicas,
+                     replica: ReplicaState) -> str | None:
+        client = await self.client()
+        env_vars = ReplicaOptions(**spec.replica_options).environment()
+        future = client.submit(ActorHost, spec.tag, replica.tag, spec.code, spec.config,
+                               env_vars, replica.gpu_slots, actor=True,
+                               workers=[replica.worker], allow_other_workers=False,
+                               pure=False, key=f"daskserve-replica-{replica.tag}")
+        replica.future = future
+        try:
+            await future
+            address = await getattr(self._scheduler.rpc(replica.worker), WorkerOp.LOCATE)(
+                replica=replica.tag)
+            if address is None:
+                raise RuntimeError(f"worker {replica.worker} does not host {replica.tag}")
+        except asyncio.CancelledError:
+            if observed.replicas.get(replica.tag) is replica:
+                raise  # we are being cancelled, not the replica's start
+            return None  # released while starting: it was no longer wanted
+        except Exception as exc:
+            if observed.replicas.get(replica.tag) is not replica:
+                return None  # its worker died while it was starting: replaced already
+            self._forget_actor(replica)
+            observed.replicas.pop(replica.tag, None)
+            logger.warning("replica %s failed to start: %r", replica.tag, exc)
+            return f"{type(exc).__name__}: {exc}"
+        replica.address = address
+        if observed.replicas.get(replica.tag) is not replica or replica.status != "starting":
+            # Removed, or its worker died, while it was starting: it is not wanted.
+            await self._stop(observed, replica)
+            return None
+        replica.status = "running"
+        return None
+
+    async def _stop(self, observed: BackendReplicas, replica: ReplicaState) -> None:
+        if replica.address is not None:
             try:
                 await asyncio.wait_for(
-                    getattr(self._scheduler.rpc(replica.address), DRAIN)(key=replica.key),
+                    getattr(self._scheduler.rpc(replica.address), WorkerOp.DRAIN)(
+                        replica=replica.tag),
                     DRAIN_TIMEOUT_S)
             except Exception as exc:
                 logger.info("draining %s: %r", replica.tag, exc)
         self._forget_actor(replica)
-        backend.replicas.pop(replica.tag, None)
+        observed.replicas.pop(replica.tag, None)
 
     def _forget_actor(self, replica: ReplicaState) -> None:
-        if replica.address is not None:
-            self.ledger.release(replica.address, replica.demand, replica.gpu_slots)
+        if replica.worker is not None:
+            self.ledger.release(replica.worker, replica.demand, replica.gpu_slots)
             replica.gpu_slots = []
+            replica.worker = None
         if replica.future is not None:
             replica.future.release()
             replica.future = None
 
-    async def push_config(self, backend: BackendState, reconfigure: bool) -> None:
+    async def push_config(self, spec: BackendSpec, reconfigure: bool) -> None:
         """Send a new config to every running replica; raises the first failure."""
-        calls = [getattr(self._scheduler.rpc(r.address), UPDATE)(
-                     key=r.key, config=backend.config, reconfigure=reconfigure)
-                 for r in backend.running()]
+        calls = [getattr(self._scheduler.rpc(r.address), WorkerOp.UPDATE)(
+                     replica=r.tag, config=spec.config, reconfigure=reconfigure)
+                 for r in self.observed.running(spec.tag)]
         for outcome in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(outcome, Exception):
                 raise outcome
-
-    async def remove_backend(self, backend: BackendState) -> None:
-        backend.config = {**backend.config, "num_replicas": 0}
-        await self.reconcile(backend)

@@ -1,95 +1,237 @@
-"""The controller's desired and observed state, and the views built from it.
+"""The controller's state: what users asked for, kept apart from what runs.
 
-Everything here is plain data. The routing table routers receive and the dicts
-``list_backends``/``list_endpoints`` return are derived from it, never stored, so
-they cannot drift apart.
+``DesiredState`` (backends with their code and config, endpoints, traffic, shadows)
+changes only through its methods, which check each change against the rest of the
+state first; it is plain data, so a checkpoint can store it as it is. ``ObservedState``
+(replicas and how their starts went) is the controller's view of the cluster and is
+rebuilt from it, never stored. The routing table and the ``list_*`` answers are
+derived from both on demand, so they cannot drift apart.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from daskserve.config import BackendConfig, ReplicaOptions, normalize_methods
+from daskserve.errors import EndpointNotFoundError
+from daskserve.protocol import EndpointRoute, RoutingTable
+from daskserve.traffic import validate_traffic
 
+
+# -- desired ----------------------------------------------------------------------------
 @dataclass
-class ReplicaState:
+class BackendSpec:
     tag: str
-    backend: str
-    demand: dict[str, float]
-    status: str = "pending"          # pending | starting | running | draining
-    address: str | None = None
-    key: str | None = None
-    gpu_slots: list[int] = field(default_factory=list)
-    future: Any = None                # the actor future that keeps the replica alive
-    error: str | None = None
-
-
-@dataclass
-class BackendState:
-    tag: str
-    spec: bytes                       # cloudpickled (target, init_args); opaque here
+    code: bytes                       # cloudpickled (target, init_args); opaque here
     config: dict[str, Any]            # BackendConfig wire form (user_config pickled)
-    options: dict[str, Any]           # ReplicaOptions as a dict
-    replicas: dict[str, ReplicaState] = field(default_factory=dict)
-    last_error: str | None = None     # why the latest replica start failed, if it did
+    replica_options: dict[str, Any]   # ReplicaOptions.to_dict()
 
     @property
     def num_replicas(self) -> int:
         return self.config["num_replicas"]
 
-    def running(self) -> list[ReplicaState]:
-        return [r for r in self.replicas.values() if r.status == "running"]
-
-    def describe(self) -> dict[str, Any]:
-        """``list_backends`` entry: the full config plus where its replicas stand."""
-        counts: dict[str, int] = {}
-        for replica in self.replicas.values():
-            counts[replica.status] = counts.get(replica.status, 0) + 1
-        pending = counts.get("pending", 0)
-        live = len(self.replicas) - counts.get("draining", 0)
-        if pending:
-            status = "PENDING"
-        elif live < self.num_replicas and self.last_error:
-            status = "FAILED"
-        elif counts.get("running", 0) == self.num_replicas == live:
-            status = "RUNNING"
-        else:
-            status = "UPDATING"
-        return {
-            **self.config,  # user_config stays pickled; the client unpickles it
-            "replica_options": dict(self.options),
-            "replicas": counts,
-            "status": status,
-            "pending_reason": (f"{pending} replica(s) wait for a worker with "
-                               f"{self.options_demand()} free") if pending else None,
-            "last_error": self.last_error,
-        }
-
-    def options_demand(self) -> dict[str, float]:
-        return next(iter(self.replicas.values())).demand if self.replicas else {}
+    def demand(self) -> dict[str, float]:
+        return ReplicaOptions(**self.replica_options).demand()
 
 
 @dataclass
-class EndpointState:
+class EndpointSpec:
     name: str
     route: str | None
     methods: list[str]
     traffic: dict[str, float] = field(default_factory=dict)
     shadows: dict[str, float] = field(default_factory=dict)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> EndpointRoute:
         return {"route": self.route, "methods": list(self.methods),
                 "traffic": dict(self.traffic), "shadows": dict(self.shadows)}
 
 
-def routing_table(version: int, backends: dict[str, BackendState],
-                  endpoints: dict[str, EndpointState]) -> dict[str, Any]:
+@dataclass
+class DesiredState:
+    """What users asked for; ``version`` counts the changes made to it."""
+
+    backends: dict[str, BackendSpec] = field(default_factory=dict)
+    endpoints: dict[str, EndpointSpec] = field(default_factory=dict)
+    version: int = 0
+
+    def backend(self, tag: str) -> BackendSpec:
+        try:
+            return self.backends[tag]
+        except KeyError:
+            raise ValueError(f"backend {tag!r} does not exist") from None
+
+    def endpoint(self, name: str) -> EndpointSpec:
+        try:
+            return self.endpoints[name]
+        except KeyError:
+            raise EndpointNotFoundError(f"endpoint {name!r} does not exist") from None
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    # -- backends -----------------------------------------------------------------------
+    def add_backend(self, tag: str, code: bytes, config: dict,
+                    replica_options: dict) -> BackendSpec:
+        _check_name("backend", tag)
+        BackendConfig.validate_wire(config)
+        ReplicaOptions(**replica_options)
+        if tag in self.backends:
+            raise ValueError(f"backend {tag!r} already exists")
+        spec = self.backends[tag] = BackendSpec(tag, code, config, replica_options)
+        self._changed()
+        return spec
+
+    def set_backend_config(self, tag: str, config: dict) -> dict:
+        """Replace a backend's config; returns the previous one."""
+        spec = self.backend(tag)
+        BackendConfig.validate_wire(config)
+        old, spec.config = spec.config, config
+        self._changed()
+        return old
+
+    def remove_backend(self, tag: str) -> BackendSpec:
+        spec = self.backend(tag)
+        for endpoint in self.endpoints.values():
+            if tag in endpoint.traffic or tag in endpoint.shadows:
+                raise ValueError(
+                    f"backend {tag!r} is used by endpoint {endpoint.name!r}; change that "
+                    f"endpoint's traffic (or stop shadowing) before deleting the backend")
+        del self.backends[tag]
+        self._changed()
+        return spec
+
+    # -- endpoints ------------------------------------------------------------------------
+    def add_endpoint(self, name: str, backend: str | None, route: str | None,
+                     methods: list[str]) -> None:
+        _check_name("endpoint", name)
+        if name in self.endpoints:
+            raise ValueError(f"endpoint {name!r} already exists")
+        if route is not None:
+            if not isinstance(route, str) or not route.startswith("/"):
+                raise ValueError(f"route must be a path starting with '/', got {route!r}")
+            if route.startswith("/-/"):
+                raise ValueError(f"route {route!r} is reserved for built-in routes")
+            for other in self.endpoints.values():
+                if other.route == route:
+                    raise ValueError(f"route {route!r} is already used by endpoint "
+                                     f"{other.name!r}")
+        if backend is not None:
+            self.backend(backend)
+        self.endpoints[name] = EndpointSpec(name, route, normalize_methods(methods),
+                                            {backend: 1.0} if backend else {})
+        self._changed()
+
+    def remove_endpoint(self, name: str) -> None:
+        self.endpoint(name)
+        del self.endpoints[name]
+        self._changed()
+
+    def set_traffic(self, name: str, traffic: dict) -> None:
+        endpoint = self.endpoint(name)
+        endpoint.traffic = validate_traffic(name, traffic, set(self.backends))
+        self._changed()
+
+    def set_shadow(self, name: str, backend: str, proportion: float) -> None:
+        endpoint = self.endpoint(name)
+        self.backend(backend)
+        if isinstance(proportion, bool) or not isinstance(proportion, (int, float)) or \
+                not 0 <= proportion <= 1:
+            raise ValueError(f"shadow proportion must be a number in [0, 1], got {proportion!r}")
+        if proportion == 0:
+            endpoint.shadows.pop(backend, None)
+        else:
+            endpoint.shadows[backend] = float(proportion)
+        self._changed()
+
+    def clear(self) -> None:
+        self.backends.clear()
+        self.endpoints.clear()
+        self._changed()
+
+
+def _check_name(kind: str, name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{kind} name must be a non-empty string, got {name!r}")
+
+
+# -- observed ---------------------------------------------------------------------------
+@dataclass
+class ReplicaState:
+    tag: str
+    backend: str
+    demand: dict[str, float]
+    status: str = "pending"          # pending | starting | running | draining
+    worker: str | None = None        # the worker whose resources it holds
+    address: str | None = None       # where routers send its requests (set once running)
+    gpu_slots: list[int] = field(default_factory=list)
+    future: Any = None               # the host's actor future: keeps the replica alive
+
+
+@dataclass
+class BackendReplicas:
+    """The replicas the controller runs for one backend, and how starting them went."""
+
+    replicas: dict[str, ReplicaState] = field(default_factory=dict)
+    last_error: str | None = None     # why the latest replica start failed, if it did
+
+    def running(self) -> list[ReplicaState]:
+        return [r for r in self.replicas.values() if r.status == "running"]
+
+    def live(self) -> list[ReplicaState]:
+        return [r for r in self.replicas.values() if r.status != "draining"]
+
+
+@dataclass
+class ObservedState:
+    backends: dict[str, BackendReplicas] = field(default_factory=dict)
+
+    def of(self, tag: str) -> BackendReplicas:
+        """A backend's replicas; the entry is made on first use."""
+        return self.backends.setdefault(tag, BackendReplicas())
+
+    def running(self, tag: str) -> list[ReplicaState]:
+        replicas = self.backends.get(tag)
+        return replicas.running() if replicas is not None else []
+
+
+# -- views --------------------------------------------------------------------------------
+def describe_backend(spec: BackendSpec, observed: BackendReplicas) -> dict[str, Any]:
+    """``list_backends`` entry: the full config plus where its replicas stand."""
+    counts: dict[str, int] = {}
+    for replica in observed.replicas.values():
+        counts[replica.status] = counts.get(replica.status, 0) + 1
+    pending = counts.get("pending", 0)
+    live = len(observed.replicas) - counts.get("draining", 0)
+    if pending:
+        status = "PENDING"
+    elif live < spec.num_replicas and observed.last_error:
+        status = "FAILED"
+    elif counts.get("running", 0) == spec.num_replicas == live:
+        status = "RUNNING"
+    else:
+        status = "UPDATING"
+    return {
+        **spec.config,  # user_config stays pickled; the client unpickles it
+        "replica_options": dict(spec.replica_options),
+        "replicas": counts,
+        "status": status,
+        "pending_reason": (f"{pending} replica(s) wait for a worker with "
+                           f"{spec.demand()} free") if pending else None,
+        "last_error": observed.last_error,
+    }
+
+
+def routing_table(version: int, desired: DesiredState,
+                  observed: ObservedState) -> RoutingTable:
     """What routers need: endpoints with policies, and each backend's live replicas."""
     return {
         "version": version,
-        "endpoints": {name: e.describe() for name, e in endpoints.items()},
+        "endpoints": {name: e.describe() for name, e in desired.endpoints.items()},
         "backends": {
-            tag: {"max_concurrent_queries": b.config["max_concurrent_queries"],
-                  "replicas": [[r.tag, r.address, r.key] for r in b.running()]}
-            for tag, b in backends.items()
+            tag: {"max_concurrent_queries": spec.config["max_concurrent_queries"],
+                  "replicas": [{"tag": r.tag, "address": r.address}
+                               for r in observed.running(tag)]}
+            for tag, spec in desired.backends.items()
         },
     }

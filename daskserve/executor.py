@@ -1,15 +1,14 @@
-"""The replica: one copy of a backend's user code, living as a Dask actor.
+"""The replica executor: runs one copy of a backend's user code.
 
-Dask gives the replica its placement, lifetime and identity (an actor key on a
-worker). Requests do not use ``actor_execute`` though: routers call the worker
-handlers installed below, which find this object in the worker's actor table and
-hand it whole coalesced messages. That keeps the hot path free of per-argument
-pickling and of the actor thread hop: benchmarks/transport.py measures this path at
-2-4x the message rate of ``actor_execute``.
+It owns everything between a coalesced message and the user's object: resolving
+methods, batching, the thread hop for sync code, tickets for results still running,
+and draining. It knows nothing about where it lives; a host
+(``daskserve.replica_host``) builds it inside some process and registers it with
+that process's worker plugin, which hands it messages.
 
-Async user code runs on the worker's event loop; sync user code runs in a thread
-pool the replica owns, so a slow model never blocks the loop that serves other
-replicas and Dask's own heartbeats.
+Async user code runs on the host's event loop; sync user code runs in a thread pool
+the executor owns, so a slow model never blocks the loop that serves other replicas
+and Dask's own heartbeats.
 """
 from __future__ import annotations
 
@@ -20,23 +19,19 @@ import importlib
 import inspect
 import itertools
 import logging
-import os
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import cloudpickle
-from distributed import get_worker
 
 from . import context
 from .batching import BatchQueue, accepts_batch
 from .config import BackendConfig
-from .gpus import count_gpus, visible_devices
-from .handle import register_home
+from .http_codec import build_request, encode_result, exception_response
+from .protocol import WireRequest, WireResponse
 from .thread_hop import ThreadHop
-from .http_codec import WireResponse, build_request, encode_result, exception_response
-from .protocol import CALL, COLLECT, DRAIN, UPDATE
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +63,18 @@ class _Method:
     batch: BatchQueue | None
 
 
-class Replica:
-    """Wraps the user's function or class instance and executes requests for it."""
+class ReplicaExecutor:
+    """Wraps the user's function or class instance and executes requests for it.
 
-    def __init__(self, backend_tag: str, replica_tag: str, spec: bytes,
-                 config: dict[str, Any], env_vars: dict[str, str], gpu_slots: list[int]):
-        worker = get_worker()
-        self.context = context.ReplicaContext(backend_tag, replica_tag,
-                                              worker.scheduler.address)
-        self._loop: asyncio.AbstractEventLoop = worker.loop.asyncio_loop
-        # Handles used by this backend (model composition) route from this worker.
-        register_home(worker.scheduler.address, worker.rpc, self._loop)
-        # Worker processes are shared, so these apply to the whole process; replicas
-        # that need true isolation use a packed environment.
-        os.environ.update(env_vars)
-        if gpu_slots and count_gpus():
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(gpu_slots)
+    Built by a host, in any thread: the user's constructor may block. ``start`` must
+    then run on ``loop`` before the first request, since ``reconfigure`` may be async.
+    """
+
+    def __init__(self, replica: context.ReplicaContext, spec: bytes,
+                 config: dict[str, Any], loop: asyncio.AbstractEventLoop):
+        self.context = replica
+        backend_tag = replica.backend_tag
+        self._loop = loop
         target, init_args = cloudpickle.loads(spec)
         if isinstance(target, str):
             target = import_attr(target)
@@ -110,11 +101,11 @@ class Replica:
                 f"backend {backend_tag!r} sets max_batch_size but its handler is not "
                 f"decorated with @serve.accept_batch"
             )
+
+    async def start(self) -> None:
+        """Hand the initial ``user_config`` to ``reconfigure``, if there is one."""
         if self._config.user_config is not None:
-            # Runs on the worker loop so async ``reconfigure`` works too.
-            asyncio.run_coroutine_threadsafe(
-                self._reconfigure(self._config.user_config), self._loop).result()
-        install_handlers(worker)
+            await self._reconfigure(self._config.user_config)
 
     def _new_pool(self) -> ThreadPoolExecutor:
         # Threads start lazily, so the limit costs nothing until requests need it.
@@ -166,7 +157,7 @@ class Replica:
         return await method.batch.submit(args[0])
 
     # -- requests ---------------------------------------------------------------
-    async def _serve_http(self, wire: dict) -> WireResponse:
+    async def _serve_http(self, wire: WireRequest) -> WireResponse:
         try:
             return encode_result(await self._run("__call__", (build_request(wire),), {}))
         except Exception as exc:
@@ -183,7 +174,7 @@ class Replica:
                              f"{self.context.replica_tag!r}:\n{traceback.format_exc()}")
             return False, exc
 
-    async def handle(self, http: list[dict], calls: list[tuple]) -> Outcome:
+    async def handle(self, http: list[WireRequest], calls: list[tuple]) -> Outcome:
         """Start one coalesced message (HTTP requests and handle calls together) and
         return its first results; see ``_first_results`` for the rest."""
         token = context.enter(self.context)  # tasks created below inherit it
@@ -270,76 +261,3 @@ class Replica:
             self._idle = asyncio.Event()
             await self._idle.wait()
         self._pool.shutdown(wait=False)
-
-
-# -- worker handlers: the fast path routers call ------------------------------------
-# Installed into ``worker.handlers`` the first time a replica is constructed on a
-# worker. Each call names a replica by its Dask actor key; the handler looks the
-# live object up in the worker's actor table. A reply carries whatever finished
-# first; results still running are fetched with ``collect`` and the ticket the reply
-# names, so one slow request never delays the others of its message. A replica that
-# is gone or draining answers ``retry`` instead of executing, which is how scale-down
-# and replica replacement lose no request: the router sends those requests elsewhere.
-#
-# Messages are msgpack-native. Handle calls (Python arguments from trusted Python
-# callers) travel as one cloudpickled blob per message, never per element.
-
-
-def install_handlers(worker: Any) -> None:
-    """Register the handlers once per worker (idempotent)."""
-    if CALL in worker.handlers:
-        return
-    actors = worker.state.actors
-
-    async def call(key: str, http: list | None = None, calls: bytes | None = None) -> dict:
-        replica = actors.get(key)
-        if replica is None or replica.draining:
-            return {"retry": True}
-        return _reply(await replica.handle(http or [],
-                                           cloudpickle.loads(calls) if calls else []))
-
-    async def collect(key: str, ticket: int) -> dict:
-        replica = actors.get(key)
-        outcome = await replica.collect(ticket) if replica is not None else None
-        return {"lost": True} if outcome is None else _reply(outcome)
-
-    async def update(key: str, config: dict, reconfigure: bool) -> bool:
-        replica = actors.get(key)
-        if replica is None:
-            return False
-        await replica.update_config(config, reconfigure)
-        return True
-
-    async def drain(key: str) -> bool:
-        replica = actors.get(key)
-        if replica is not None:
-            await replica.drain()
-        return True
-
-    worker.handlers.update({UPDATE: update, DRAIN: drain, COLLECT: collect, CALL: call})
-
-
-def _reply(outcome: tuple) -> dict:
-    http, calls, ticket = outcome
-    reply: dict[str, Any] = {"http": http}
-    if calls:
-        reply["calls"] = _dump_results(calls)
-    if ticket is not None:
-        reply["ticket"] = ticket
-    return reply
-
-
-def _dump_results(results: list[tuple[int, bool, Any]]) -> bytes:
-    try:
-        return cloudpickle.dumps(results)
-    except Exception:
-        # Only the values that cannot be pickled become errors; the rest arrive intact.
-        safe = []
-        for index, ok, value in results:
-            try:
-                cloudpickle.dumps(value)
-                safe.append((index, ok, value))
-            except Exception as exc:
-                safe.append((index, False, TypeError(
-                    f"result of type {type(value).__name__} cannot be pickled: {exc}")))
-        return cloudpickle.dumps(safe)

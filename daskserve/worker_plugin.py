@@ -1,0 +1,192 @@
+"""Everything daskserve does on a Dask worker, owned by one ``WorkerPlugin``.
+
+The controller registers the plugin once per instance; Dask then sets it up on every
+worker, including workers that join later, before they run any task, so it is there
+before the first replica is placed. It holds:
+
+- the worker handlers of ``protocol.WorkerOp``, the fast path routers call;
+- the registry of replica executors living in this process, keyed by replica tag;
+- the process environment replicas asked for (``replica_options.env_vars``);
+- the EveryNode HTTP proxy, when this worker runs one.
+
+Replies carry whatever finished first; results still running are fetched with
+``COLLECT`` and the ticket the reply names, so one slow request never delays the
+others of its message. A replica that is gone or draining answers ``retry`` instead
+of executing, which is how scale-down and replica replacement lose no request: the
+router sends those requests elsewhere.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import cloudpickle
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .config import HTTPOptions
+from .executor import ReplicaExecutor
+from .protocol import CallReply, WireRequest, WorkerOp
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "daskserve-worker"
+
+
+class ServeWorkerPlugin(WorkerPlugin):
+    """The worker side of a serve instance."""
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+        self.executors: dict[str, ReplicaExecutor] = {}
+        self.proxy: Any = None
+        self._environment = ProcessEnvironment()
+        worker.handlers.update(self.handlers())
+
+    async def teardown(self, worker: Any) -> None:
+        for name in self.handlers():
+            worker.handlers.pop(name, None)
+        await self.stop_proxy()
+
+    def handlers(self) -> dict[str, Callable]:
+        return {WorkerOp.CALL: self.call, WorkerOp.COLLECT: self.collect,
+                WorkerOp.UPDATE: self.update, WorkerOp.DRAIN: self.drain,
+                WorkerOp.LOCATE: self.locate,
+                WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy}
+
+    @classmethod
+    def on(cls, worker: Any) -> "ServeWorkerPlugin":
+        """The plugin of this worker; replicas cannot live on a worker without it."""
+        plugin = worker.plugins.get(PLUGIN_NAME)
+        if not isinstance(plugin, cls):
+            raise RuntimeError(f"the daskserve worker plugin is not installed on "
+                               f"{worker.address}; replicas are placed by the controller")
+        return plugin
+
+    # -- registry ---------------------------------------------------------------------
+    def set_environment(self, replica: str, env_vars: dict[str, str]) -> None:
+        """Apply a replica's environment variables before its constructor runs."""
+        self._environment.add(replica, env_vars)
+
+    def add_replica(self, executor: ReplicaExecutor) -> None:
+        self.executors[executor.context.replica_tag] = executor
+
+    def remove_replica(self, replica: str) -> None:
+        self.executors.pop(replica, None)
+        self._environment.remove(replica)
+
+    # -- handlers: router -> replica ----------------------------------------------------
+    async def call(self, replica: str, http: list[WireRequest] | None = None,
+                   calls: bytes | None = None) -> CallReply:
+        executor = self.executors.get(replica)
+        if executor is None or executor.draining:
+            return {"retry": True}
+        return _reply(await executor.handle(http or [],
+                                            cloudpickle.loads(calls) if calls else []))
+
+    async def collect(self, replica: str, ticket: int) -> CallReply:
+        executor = self.executors.get(replica)
+        outcome = await executor.collect(ticket) if executor is not None else None
+        return {"lost": True} if outcome is None else _reply(outcome)
+
+    # -- handlers: controller -> replica --------------------------------------------------
+    async def locate(self, replica: str) -> str | None:
+        """The address answering ``CALL`` for a replica hosted here, None if unknown.
+
+        An executor in this process is served by this worker; a host that runs its
+        executor in another process would answer with that process's address.
+        """
+        return self.worker.address if replica in self.executors else None
+
+    async def update(self, replica: str, config: dict, reconfigure: bool) -> bool:
+        executor = self.executors.get(replica)
+        if executor is None:
+            return False
+        await executor.update_config(config, reconfigure)
+        return True
+
+    async def drain(self, replica: str) -> bool:
+        """Finish the replica's in-flight work, then forget it (its actor goes next)."""
+        executor = self.executors.get(replica)
+        if executor is not None:
+            await executor.drain()
+            self.remove_replica(replica)
+        return True
+
+    async def start_proxy(self, options: dict, listener_id: str) -> int:
+        """Run an EveryNode proxy in this worker; returns its port."""
+        from .proxy import Proxy
+        from .router import Router
+
+        if self.proxy is None:
+            router = Router(self.worker.rpc, self.worker.scheduler.address, listener_id)
+            proxy = Proxy(router, HTTPOptions(**options))
+            await proxy.start()
+            self.proxy = proxy
+        return self.proxy.port
+
+    async def stop_proxy(self) -> None:
+        proxy, self.proxy = self.proxy, None
+        if proxy is not None:
+            await proxy.stop()
+
+
+class ProcessEnvironment:
+    """``os.environ`` as the replicas of one process asked for it.
+
+    Replicas in one worker process share its environment. Each variable a replica
+    sets holds the value of the newest live replica that set it, and goes back to the
+    worker's own value when no such replica is left, so a removed replica's settings
+    never leak into replicas placed after it.
+    """
+
+    def __init__(self) -> None:
+        self._by_replica: dict[str, dict[str, str]] = {}  # in order of arrival
+        self._original: dict[str, str | None] = {}
+
+    def add(self, replica: str, env_vars: dict[str, str]) -> None:
+        for key in env_vars:
+            self._original.setdefault(key, os.environ.get(key))
+        self._by_replica[replica] = dict(env_vars)
+        os.environ.update(env_vars)
+
+    def remove(self, replica: str) -> None:
+        for key in self._by_replica.pop(replica, {}):
+            setters = [env[key] for env in self._by_replica.values() if key in env]
+            if setters:
+                os.environ[key] = setters[-1]
+                continue
+            original = self._original.pop(key)
+            if original is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = original
+
+
+def _reply(outcome: tuple) -> CallReply:
+    http, calls, ticket = outcome
+    reply: CallReply = {"http": http}
+    if calls:
+        reply["calls"] = _dump_results(calls)
+    if ticket is not None:
+        reply["ticket"] = ticket
+    return reply
+
+
+def _dump_results(results: list[tuple[int, bool, Any]]) -> bytes:
+    try:
+        return cloudpickle.dumps(results)
+    except Exception:
+        # Only the values that cannot be pickled become errors; the rest arrive intact.
+        safe = []
+        for index, ok, value in results:
+            try:
+                cloudpickle.dumps(value)
+                safe.append((index, ok, value))
+            except Exception as exc:
+                safe.append((index, False, TypeError(
+                    f"result of type {type(value).__name__} cannot be pickled: {exc}")))
+        return cloudpickle.dumps(safe)
