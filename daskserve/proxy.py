@@ -75,44 +75,61 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
     # -- request handling ---------------------------------------------------------
     async def respond(self, exchange: "_Exchange") -> None:
         start = exchange.start_line
+        method = start.method
         path, _, query = start.path.partition("?")
         if path.startswith("/-/"):
-            response = self._builtin(path, start.method)
-            exchange.write(response, route=path if response[0] != 404 else "")
+            response, route = self._builtin(path, method)
+            exchange.write(response, route=route)
             return
         endpoint = self.router.routes.get(path)
         if endpoint is None:
             exchange.write(error_response(404, "NotFound", f"no endpoint is served at "
                                           f"route {path!r}; see GET /-/routes"))
             return
-        if start.method not in endpoint.methods:
-            allowed = sorted(endpoint.methods)
-            response = error_response(405, "MethodNotAllowed",
-                                      f"{start.method} is not allowed on {path!r}; "
-                                      f"allowed: {allowed}")
-            response[1].append(["allow", ", ".join(allowed)])
-            exchange.write(response, route=path, endpoint=endpoint.name)
-            return
+        if method not in endpoint.methods:
+            if method == "HEAD" and "GET" in endpoint.methods:
+                # HTTP's HEAD is GET without the body: the handler answers a GET and
+                # ``write`` leaves the body out, so the headers are exactly GET's.
+                method = "GET"
+            else:
+                exchange.write(_method_not_allowed(method, path, endpoint.methods),
+                               route=path, endpoint=endpoint.name)
+                return
         headers = exchange.headers
-        wire = encode_request(start.method, path, query, list(headers.get_all()),
+        wire = encode_request(method, path, query, list(headers.get_all()),
                               exchange.body(), exchange.client)
         response = await self.router.http(endpoint.name, wire,
                                           headers.get(SHARD_KEY_HEADER),
                                           self.options.request_timeout_s)
         exchange.write(response, route=path, endpoint=endpoint.name)
 
-    def _builtin(self, path: str, method: str) -> WireResponse:
-        if method != "GET":
-            return error_response(405, "MethodNotAllowed", f"{path} only supports GET")
+    def _builtin(self, path: str, method: str) -> tuple[WireResponse, str]:
+        """A built-in route's answer and its metrics label ("" for unknown paths)."""
+        if path not in _BUILTIN_ROUTES:
+            return error_response(404, "NotFound", f"no built-in route {path!r}"), ""
+        if method != "GET" and method != "HEAD":
+            return _method_not_allowed(method, path, _BUILTIN_METHODS), path
         if path == "/-/routes":
             table = {route: e.name for route, e in self.router.routes.items()}
-            return [200, [["content-type", "application/json"]], json.dumps(table).encode()]
+            body = json.dumps(table).encode()
+            return [200, [["content-type", "application/json"]], body], path
         if path == "/-/healthz":
-            return [200, [["content-type", "text/plain; charset=utf-8"]], b"success"]
-        if path == "/-/metrics":
-            body, content_type = metrics.exposition()
-            return [200, [["content-type", content_type]], body]
-        return error_response(404, "NotFound", f"no built-in route {path!r}")
+            return [200, [["content-type", "text/plain; charset=utf-8"]], b"success"], path
+        body, content_type = metrics.exposition()
+        return [200, [["content-type", content_type]], body], path
+
+
+_BUILTIN_ROUTES = frozenset({"/-/routes", "/-/healthz", "/-/metrics"})
+_BUILTIN_METHODS = frozenset({"GET"})
+
+
+def _method_not_allowed(method: str, path: str, methods: frozenset[str]) -> WireResponse:
+    # HEAD is served wherever GET is, so Allow names it there (RFC 9110, 15.5.6).
+    allowed = sorted(methods | {"HEAD"} if "GET" in methods else methods)
+    response = error_response(405, "MethodNotAllowed", f"{method} is not allowed on "
+                              f"{path!r}; allowed: {allowed}")
+    response[1].append(["allow", ", ".join(allowed)])
+    return response
 
 
 class _Exchange(httputil.HTTPMessageDelegate):
@@ -185,10 +202,14 @@ class _Exchange(httputil.HTTPMessageDelegate):
             reason = HTTPStatus(status).phrase
         except ValueError:
             reason = "Unknown"
-        metrics.record_http(route, self.start_line.method, status, endpoint)
+        method = self.start_line.method
+        metrics.record_http(route, method, status, endpoint)
         try:
+            # A HEAD answer carries GET's Content-Length but no body; Tornado refuses
+            # body bytes after a HEAD request and would drop the connection.
             self.connection.write_headers(
-                httputil.ResponseStartLine("HTTP/1.1", status, reason), headers, body)
+                httputil.ResponseStartLine("HTTP/1.1", status, reason), headers,
+                None if method == "HEAD" else body)
             self.connection.finish()
         except StreamClosedError:
             pass  # the client went away; nothing to tell it

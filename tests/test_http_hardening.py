@@ -1,0 +1,163 @@
+"""The HTTP proxy against unusual and hostile clients, over raw sockets on 127.0.0.1.
+
+Raw sockets are used where a library would hide what is under test: what is sent on
+a keep-alive connection, bytes that are not UTF-8, connections that never finish a
+request. Every read has a socket timeout and every loop a bound, as safety limits
+only; no test asserts how fast anything happens.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import closing
+from typing import NamedTuple
+
+import pytest
+import requests
+from starlette.responses import PlainTextResponse
+
+import daskserve as serve
+from conftest import wait_until
+
+TIMEOUT = 30  # safety limit for every socket read and HTTP request
+
+
+# -- raw HTTP/1.1 ---------------------------------------------------------------------------
+class Reply(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+
+def _send(sock: socket.socket, method: str, target: str | bytes,
+          headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+    if isinstance(target, str):
+        target = target.encode("ascii")
+    head = [method.encode("ascii") + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1"]
+    for name, value in (headers or {}).items():
+        head.append(f"{name}: {value}".encode("latin-1"))
+    if body:
+        head.append(b"Content-Length: %d" % len(body))
+    sock.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
+
+
+class _Reader:
+    """Reads responses off one connection, keeping bytes that belong to the next one."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += chunk
+
+    def reply(self, head: bool = False) -> Reply:
+        for _ in range(1000):
+            if b"\r\n\r\n" in self.buffer:
+                break
+            self._fill()
+        else:
+            pytest.fail("no end of response headers after 1000 reads")
+        start, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = start.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = 0 if head else int(headers.get("content-length", "0"))
+        for _ in range(10000):
+            if len(self.buffer) >= length:
+                break
+            self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return Reply(status, headers, body)
+
+
+# -- backends -------------------------------------------------------------------------------
+def method_echo(request):
+    return PlainTextResponse(f"handled as {request.method}",
+                             headers={"x-handled-as": request.method})
+
+
+def _deploy(client, name, backend, route=None, methods=("GET",)):
+    client.create_backend(name, backend)
+    client.create_endpoint(name, backend=name, route=route or f"/{name}", methods=list(methods))
+
+
+# -- 1. HEAD ---------------------------------------------------------------------------------
+def test_head_answers_like_get_without_a_body_and_keeps_the_connection(serve_client,
+                                                                       http_port):
+    _deploy(serve_client, "echo_method", method_echo, methods=("GET", "POST"))
+    with closing(_connect(http_port)) as sock:
+        reader = _Reader(sock)
+        _send(sock, "GET", "/echo_method")
+        get = reader.reply()
+        assert get.status == 200 and get.body == b"handled as GET"
+
+        _send(sock, "HEAD", "/echo_method")
+        head = reader.reply(head=True)
+        assert head.status == 200
+        assert head.headers == get.headers  # Content-Length is the GET body's
+        assert head.headers["x-handled-as"] == "GET"  # the handler ran as a GET
+
+        # Same connection: the next answer starts right where the HEAD answer ended.
+        _send(sock, "GET", "/echo_method")
+        again = reader.reply()
+        assert again.status == 200 and again.body == b"handled as GET"
+        assert reader.buffer == b""
+
+
+def test_head_on_builtin_routes_unknown_routes_and_disallowed_methods(serve_client,
+                                                                      http_port):
+    _deploy(serve_client, "post_only", method_echo, methods=("POST",))
+    with closing(_connect(http_port)) as sock:
+        reader = _Reader(sock)
+        for target in ("/-/healthz", "/-/routes", "/no/such/route", "/-/no-such-builtin"):
+            _send(sock, "GET", target)
+            get = reader.reply()
+            _send(sock, "HEAD", target)
+            head = reader.reply(head=True)
+            assert (head.status, head.headers) == (get.status, get.headers), target
+
+        _send(sock, "HEAD", "/-/metrics")
+        metrics = reader.reply(head=True)
+        assert metrics.status == 200 and int(metrics.headers["content-length"]) > 0
+
+        _send(sock, "HEAD", "/post_only")
+        refused = reader.reply(head=True)
+        assert refused.status == 405
+        assert refused.headers["allow"] == "POST"
+        assert int(refused.headers["content-length"]) > 0
+
+        _send(sock, "POST", "/post_only", body=b"x")
+        posted = reader.reply()
+        assert posted.status == 200 and posted.body == b"handled as POST"
+        _send(sock, "GET", "/-/healthz")
+        last = reader.reply()
+        assert last.status == 200 and last.body == b"success"
+        assert reader.buffer == b""
+
+
+def test_head_on_an_endpoint_that_allows_head_reaches_the_handler_as_head(serve_client,
+                                                                          http_port):
+    _deploy(serve_client, "head_aware", method_echo, methods=("HEAD",))
+    with closing(_connect(http_port)) as sock:
+        reader = _Reader(sock)
+        _send(sock, "HEAD", "/head_aware")
+        head = reader.reply(head=True)
+        assert head.status == 200
+        assert head.headers["x-handled-as"] == "HEAD"
+        assert int(head.headers["content-length"]) == len(b"handled as HEAD")
+        _send(sock, "GET", "/head_aware")  # neither GET nor HEAD-by-GET: 405
+        refused = reader.reply()
+        assert refused.status == 405 and refused.headers["allow"] == "HEAD"
+    assert requests.head(f"http://127.0.0.1:{http_port}/head_aware",
+                         timeout=TIMEOUT).status_code == 200
