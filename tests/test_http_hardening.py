@@ -161,3 +161,144 @@ def test_head_on_an_endpoint_that_allows_head_reaches_the_handler_as_head(serve_
         assert refused.status == 405 and refused.headers["allow"] == "HEAD"
     assert requests.head(f"http://127.0.0.1:{http_port}/head_aware",
                          timeout=TIMEOUT).status_code == 200
+
+
+# -- 2. slow, idle, numerous and oversized connections ---------------------------------------
+@pytest.fixture
+def own_serve(dask_client, http_port):
+    """Start a serve instance with custom http_options; shut it down afterwards."""
+    started = []
+
+    def start(**options):
+        client = serve.start(dask_client, http_options={"port": http_port, **options})
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.shutdown()
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Wait (up to the socket's timeout) for the server to end the connection."""
+    try:
+        return sock.recv(65536) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/-/healthz", timeout=TIMEOUT,
+                            headers={"Connection": "close"}).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_slowloris_headers_are_cut_off_after_header_timeout(own_serve, http_port):
+    own_serve(header_timeout_s=0.5, keep_alive_timeout_s=60)
+    with closing(_connect(http_port)) as sock:
+        sock.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        sock.settimeout(0.05)
+        closed = False
+        deadline = time.monotonic() + TIMEOUT
+        for _ in range(100_000):  # one header byte at a time, never the blank line
+            if time.monotonic() > deadline:
+                break
+            try:
+                sock.sendall(b"a")
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except (socket.timeout, BlockingIOError):
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+                break
+        assert closed, f"a connection dribbling headers stayed open for {TIMEOUT}s"
+    assert _healthy(http_port)
+
+
+def test_idle_keep_alive_connection_is_closed_after_keep_alive_timeout(own_serve,
+                                                                       http_port):
+    own_serve(header_timeout_s=60, keep_alive_timeout_s=0.5)
+    with closing(_connect(http_port)) as sock:
+        reader = _Reader(sock)
+        _send(sock, "GET", "/-/healthz")
+        assert reader.reply().status == 200
+        assert _closed_by_server(sock), "an idle keep-alive connection was never closed"
+    assert _healthy(http_port)
+
+
+def test_slow_body_is_cut_off_after_body_timeout(own_serve, http_port):
+    client = own_serve(body_timeout_s=0.5)
+    _deploy(client, "echo_method", method_echo, methods=("POST",))
+    with closing(_connect(http_port)) as sock:
+        sock.sendall(b"POST /echo_method HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Length: 100\r\n\r\n" + b"x" * 10)
+        assert _closed_by_server(sock), "a connection that stopped mid-body stayed open"
+    reply = requests.post(f"http://127.0.0.1:{http_port}/echo_method", data=b"x" * 100,
+                          timeout=TIMEOUT)
+    assert reply.text == "handled as POST"
+
+
+def test_connections_past_max_connections_are_refused_until_some_close(own_serve,
+                                                                       http_port):
+    limit = 8
+    own_serve(max_connections=limit, header_timeout_s=60, keep_alive_timeout_s=60)
+    held = []
+    try:
+        for _ in range(limit):  # each answers one request, so each is surely counted
+            sock = _connect(http_port)
+            held.append(sock)
+            _send(sock, "GET", "/-/healthz")
+            assert _Reader(sock).reply().status == 200
+
+        with closing(_connect(http_port)) as extra:
+            reader = _Reader(extra)
+            refused = reader.reply()  # sent at once, before any request
+            assert refused.status == 503
+            assert "retry-after" in refused.headers
+            assert str(limit) in refused.body.decode()
+            assert _closed_by_server(extra)
+        assert not _healthy(http_port)
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: _healthy(http_port), timeout=TIMEOUT,
+               what="service after the held connections closed")
+
+
+def test_oversized_request_headers_get_431(own_serve, http_port):
+    own_serve()
+    url = f"http://127.0.0.1:{http_port}/-/healthz"
+    reply = requests.get(url, headers={"X-Big": "a" * 100_000}, timeout=TIMEOUT)
+    assert reply.status_code == 431
+    assert reply.headers["connection"] == "close"
+    assert reply.json()["error"]
+    assert requests.get(url, headers={"X-Big": "a" * 30_000}, timeout=TIMEOUT).ok
+
+
+def test_configured_max_header_size(own_serve, http_port):
+    own_serve(max_header_size=4096)
+    url = f"http://127.0.0.1:{http_port}/-/healthz"
+    assert requests.get(url, headers={"X-Big": "a" * 3000}, timeout=TIMEOUT).ok
+    assert requests.get(url, headers={"X-Big": "a" * 5000},
+                        timeout=TIMEOUT).status_code == 431
+    assert "4096" in requests.get(url, headers={"X-Big": "a" * 5000}, timeout=TIMEOUT).text
+    assert requests.get(url, timeout=TIMEOUT).ok
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("max_connections", 0, ValueError),
+    ("max_connections", 1.5, TypeError),
+    ("max_header_size", 0, ValueError),
+    ("header_timeout_s", 0, ValueError),
+    ("keep_alive_timeout_s", -1, ValueError),
+    ("body_timeout_s", "60", TypeError),
+    ("body_timeout_s", float("inf"), ValueError),
+])
+def test_invalid_connection_limits_name_the_field(dask_client, http_port, field, value,
+                                                  error):
+    with pytest.raises(error, match=rf"http_options\.{field}"):
+        serve.start(dask_client, http_options={"port": http_port, field: value})
