@@ -138,6 +138,12 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
                                           self.options.request_timeout_s)
         exchange.write(response, route=path, endpoint=endpoint.name)
 
+    def known_route(self, target: str) -> str:
+        """The route label for a request target: a served route, or "" for any
+        other path (labels a client could invent would grow metrics without bound)."""
+        path = target.partition("?")[0]
+        return path if path in self.router.routes or path in _BUILTIN_ROUTES else ""
+
     def _builtin(self, path: str, method: str) -> tuple[WireResponse, str]:
         """A built-in route's answer and its metrics label ("" for unknown paths)."""
         if path not in _BUILTIN_ROUTES:
@@ -363,7 +369,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         response = error_response(413, "PayloadTooLarge",
                                   f"request body exceeds the limit of {limit} bytes")
         response[1].append(["connection", "close"])
-        self.write(response, route=self.start_line.path.partition("?")[0])
+        self.write(response, route=self.proxy.known_route(self.start_line.path))
 
     def body(self) -> bytes:
         return self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)

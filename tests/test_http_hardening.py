@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.responses import PlainTextResponse
 
 import daskserve as serve
@@ -302,3 +303,55 @@ def test_invalid_connection_limits_name_the_field(dask_client, http_port, field,
                                                   error):
     with pytest.raises(error, match=rf"http_options\.{field}"):
         serve.start(dask_client, http_options={"port": http_port, field: value})
+
+
+# -- 3. bounded metric labels ------------------------------------------------------------------
+STANDARD_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT",
+                    "TRACE"}
+
+
+def _http_request_series(port: int) -> dict[tuple, float]:
+    text = requests.get(f"http://127.0.0.1:{port}/-/metrics", timeout=TIMEOUT).text
+    series = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "serve_num_http_requests":
+            for sample in family.samples:
+                if sample.name == "serve_num_http_requests_total":
+                    series[tuple(sorted(sample.labels.items()))] = sample.value
+    return series
+
+
+def test_http_metric_labels_stay_bounded_whatever_clients_send(own_serve, http_port):
+    client = own_serve(max_body_size=10)
+    _deploy(client, "echo_method", method_echo, methods=("GET", "POST"))
+    url = f"http://127.0.0.1:{http_port}"
+    before = _http_request_series(http_port)
+    n = 100
+    with requests.Session() as session:
+        for i in range(n):
+            assert session.get(f"{url}/no/such/route/{i}", timeout=TIMEOUT).status_code == 404
+            assert session.request(f"BOGUS{i}", f"{url}/echo_method",
+                                   timeout=TIMEOUT).status_code == 405
+            assert session.request(f"BREW{i}", f"{url}/-/made-up-{i}",
+                                   timeout=TIMEOUT).status_code == 404
+            assert session.post(f"{url}/too/big/{i}", data=b"x" * 11,
+                                timeout=TIMEOUT).status_code == 413
+    after = _http_request_series(http_port)
+
+    new_series = set(after) - set(before)
+    assert len(new_series) <= 8, sorted(new_series)
+    known_routes = {"", "other", "/echo_method", "/-/metrics", "/-/routes", "/-/healthz"}
+    for labels in new_series:
+        labels = dict(labels)
+        assert labels["method"] in STANDARD_METHODS | {"other"}, labels
+        assert labels["route"] in known_routes, labels
+
+    def delta(**wanted: str) -> float:
+        return sum(value - before.get(key, 0) for key, value in after.items()
+                   if all(dict(key)[name] == v for name, v in wanted.items()))
+
+    unknown = "other" if delta(route="other") else ""
+    assert delta(route=unknown, method="GET", status="404") == n
+    assert delta(route=unknown, method="other", status="404") == n
+    assert delta(route=unknown, method="POST", status="413") == n
+    assert delta(route="/echo_method", method="other", status="405") == n
