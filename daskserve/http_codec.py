@@ -17,9 +17,14 @@ WireResponse = list
 
 
 def encode_request(method: str, path: str, query: str, headers: list[tuple[str, str]],
-                   body: bytes, client: tuple[str, int] | None) -> dict[str, Any]:
-    return {"method": method, "path": path, "query": query, "headers": headers,
-            "body": body, "client": list(client) if client else None}
+                   body: bytes, client: tuple[str, int] | None,
+                   raw_path: str | None = None) -> dict[str, Any]:
+    """The wire form of a request. ``path`` is decoded; ``query`` and ``raw_path``
+    are what the client sent, one character per byte (latin-1) as Tornado gives
+    them, so the replica recovers the exact bytes. ``raw_path`` is None when the
+    path needed no decoding."""
+    return {"method": method, "path": path, "raw_path": raw_path, "query": query,
+            "headers": headers, "body": body, "client": list(client) if client else None}
 
 
 class _ReceivedRequest(Request):
@@ -33,6 +38,7 @@ class _ReceivedRequest(Request):
 def build_request(wire: dict[str, Any]) -> Request:
     """Turn the wire form back into the Starlette ``Request`` user code expects."""
     path = wire["path"]
+    raw_path = wire.get("raw_path")
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -40,9 +46,9 @@ def build_request(wire: dict[str, Any]) -> Request:
         "method": wire["method"],
         "scheme": "http",
         "path": path,
-        "raw_path": path.encode(),
+        "raw_path": path.encode() if raw_path is None else raw_path.encode("latin-1"),
         "root_path": "",
-        "query_string": wire["query"].encode(),
+        "query_string": wire["query"].encode("latin-1"),
         "headers": [(k.lower().encode("latin-1"), v.encode("latin-1"))
                     for k, v in wire["headers"]],
         "client": tuple(wire["client"]) if wire["client"] else None,

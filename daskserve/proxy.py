@@ -24,6 +24,7 @@ import socket
 import time
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
@@ -112,6 +113,9 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
         start = exchange.start_line
         method = start.method
         path, _, query = start.path.partition("?")
+        raw_path = None
+        if "%" in path or not path.isascii():
+            raw_path, path = path, _decode_path(path)
         if path.startswith("/-/"):
             response, route = self._builtin(path, method)
             exchange.write(response, route=route)
@@ -132,7 +136,7 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
                 return
         headers = exchange.headers
         wire = encode_request(method, path, query, list(headers.get_all()),
-                              exchange.body(), exchange.client)
+                              exchange.body(), exchange.client, raw_path)
         response = await self.router.http(endpoint.name, wire,
                                           headers.get(SHARD_KEY_HEADER),
                                           self.options.request_timeout_s)
@@ -141,7 +145,7 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
     def known_route(self, target: str) -> str:
         """The route label for a request target: a served route, or "" for any
         other path (labels a client could invent would grow metrics without bound)."""
-        path = target.partition("?")[0]
+        path = _decode_path(target.partition("?")[0])
         return path if path in self.router.routes or path in _BUILTIN_ROUTES else ""
 
     def _builtin(self, path: str, method: str) -> tuple[WireResponse, str]:
@@ -158,6 +162,15 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
             return [200, [["content-type", "text/plain; charset=utf-8"]], b"success"], path
         body, content_type = metrics.exposition()
         return [200, [["content-type", content_type]], body], path
+
+
+def _decode_path(raw: str) -> str:
+    """The path as ASGI servers give it to Starlette: percent-decoded, as UTF-8.
+
+    Tornado hands over the request target decoded as latin-1, i.e. one character
+    per byte received, so encoding it back yields the bytes the client sent.
+    """
+    return unquote_to_bytes(raw.encode("latin-1")).decode("utf-8", "replace")
 
 
 _BUILTIN_ROUTES = frozenset({"/-/routes", "/-/healthz", "/-/metrics"})

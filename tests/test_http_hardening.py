@@ -7,6 +7,7 @@ only; no test asserts how fast anything happens.
 """
 from __future__ import annotations
 
+import json
 import socket
 import time
 from contextlib import closing
@@ -15,6 +16,7 @@ from typing import NamedTuple
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
 import daskserve as serve
@@ -355,3 +357,58 @@ def test_http_metric_labels_stay_bounded_whatever_clients_send(own_serve, http_p
     assert delta(route=unknown, method="other", status="404") == n
     assert delta(route=unknown, method="POST", status="413") == n
     assert delta(route="/echo_method", method="other", status="405") == n
+
+
+# -- 4. paths and query strings as Starlette under uvicorn sees them ---------------------------
+def _url_view(request) -> dict:
+    try:
+        url_path, url_query = request.url.path, request.url.query
+    except UnicodeDecodeError:  # Starlette decodes the query into url as UTF-8, strictly
+        url_path = url_query = "UnicodeDecodeError"
+    return {"path": request.scope["path"], "url_path": url_path,
+            "raw_path": request.scope["raw_path"].decode("latin-1"),
+            "query_string": request.scope["query_string"].decode("latin-1"),
+            "query_params": request.query_params.multi_items(), "url_query": url_query}
+
+
+def url_parts(request):
+    return _url_view(request)
+
+
+def _as_under_uvicorn(path: str, raw_path: bytes, query_string: bytes) -> dict:
+    """What a handler sees under uvicorn: the path percent-decoded as UTF-8, raw_path
+    and query_string the bytes as received."""
+    scope = {"type": "http", "method": "GET", "scheme": "http", "root_path": "",
+             "path": path, "raw_path": raw_path, "query_string": query_string,
+             "headers": [(b"host", b"127.0.0.1")], "server": None}
+    return json.loads(json.dumps(_url_view(Request(scope))))
+
+
+def test_percent_encoded_and_non_ascii_routes_match(serve_client, http_port):
+    _deploy(serve_client, "accented", url_parts, route="/héllo")
+    _deploy(serve_client, "spaced", url_parts, route="/a b")
+    with closing(_connect(http_port)) as sock:
+        reader = _Reader(sock)
+        for target, path in [(b"/h%C3%A9llo", "/héllo"), (b"/h%c3%a9llo", "/héllo"),
+                             (b"/a%20b", "/a b"), (b"/%61%20b", "/a b"),
+                             (b"/h\xc3\xa9llo", "/héllo")]:  # raw UTF-8, as some clients send
+            _send(sock, "GET", target)
+            reply = reader.reply()
+            assert reply.status == 200, (target, reply)
+            assert json.loads(reply.body) == _as_under_uvicorn(path, target, b""), target
+        _send(sock, "GET", "/h%C3%A9llo/")  # decoding does not loosen exact matching
+        assert reader.reply().status == 404
+    assert requests.get(f"http://127.0.0.1:{http_port}/héllo", timeout=TIMEOUT).ok
+    assert requests.get(f"http://127.0.0.1:{http_port}/a b", timeout=TIMEOUT).ok
+
+
+def test_query_string_reaches_the_handler_as_received(serve_client, http_port):
+    _deploy(serve_client, "url_parts", url_parts)
+    with closing(_connect(http_port)) as sock:
+        reader = _Reader(sock)
+        for query in (b"x=%ff&w=caf%C3%A9&v=a+b&e=", b"y=\xff&z=\xc3\xa9&x=%ff"):
+            _send(sock, "GET", b"/url_parts?" + query)
+            reply = reader.reply()
+            assert reply.status == 200
+            assert json.loads(reply.body) == _as_under_uvicorn("/url_parts", b"/url_parts",
+                                                               query), query
