@@ -27,12 +27,35 @@ def encode_request(method: str, path: str, query: str, headers: list[tuple[str, 
             "headers": headers, "body": body, "client": list(client) if client else None}
 
 
+class InvalidJSONBody(json.JSONDecodeError):
+    """``await request.json()`` found the request's own body not to be JSON.
+
+    That is the client's mistake (400), unlike a JSON error in the handler's own
+    code (500), so it gets a type of its own. It is still a ``JSONDecodeError``, so
+    handlers written against plain Starlette that catch that (or ``ValueError``)
+    keep working.
+    """
+
+
 class _ReceivedRequest(Request):
     """A Starlette request whose body already arrived in full at the proxy."""
 
     def __init__(self, scope: dict, body: bytes):
         super().__init__(scope)
         self._body = body
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = json.loads(self._body)
+            except json.JSONDecodeError as exc:
+                raise InvalidJSONBody(exc.msg, exc.doc, exc.pos) from exc
+            except UnicodeDecodeError as exc:  # json.loads decodes bytes itself
+                raise InvalidJSONBody(f"not text in UTF-8, UTF-16 or UTF-32 ({exc.reason})",
+                                      self._body.decode("latin-1"), exc.start) from exc
+            except RecursionError as exc:  # e.g. a body of 100,000 "["
+                raise InvalidJSONBody("nested too deeply to decode", "", 0) from exc
+        return self._json
 
 
 def build_request(wire: dict[str, Any]) -> Request:
@@ -89,5 +112,8 @@ def error_response(status: int, error: str, message: str, **extra: Any) -> WireR
 
 
 def exception_response(exc: BaseException, backend: str, replica: str) -> WireResponse:
+    if isinstance(exc, InvalidJSONBody):
+        return error_response(400, "InvalidJSONBody", f"the request body is not valid "
+                              f"JSON: {exc}", backend=backend, replica=replica)
     return error_response(500, type(exc).__name__, str(exc), backend=backend,
                           replica=replica)

@@ -412,3 +412,46 @@ def test_query_string_reaches_the_handler_as_received(serve_client, http_port):
             assert reply.status == 200
             assert json.loads(reply.body) == _as_under_uvicorn("/url_parts", b"/url_parts",
                                                                query), query
+
+
+# -- 5. malformed JSON bodies are the client's fault ---------------------------------------------
+async def parse_json(request):
+    return {"received": await request.json()}
+
+
+async def decodes_its_own_data(request):
+    await request.body()
+    return json.loads("{this is the handler's own broken data")
+
+
+async def catches_bad_json(request):
+    try:
+        return {"received": await request.json()}
+    except json.JSONDecodeError as exc:  # user code written against plain Starlette
+        return {"caught": exc.msg, "pos": exc.pos}
+
+
+def test_malformed_json_body_is_400_naming_the_problem(serve_client, base_url):
+    _deploy(serve_client, "parse", parse_json, methods=("POST",))
+    for body in (b"{not json", b"", b"\xff\xfe\xfa", b"[" * 100_000):
+        reply = requests.post(f"{base_url}/parse", data=body, timeout=TIMEOUT,
+                              headers={"content-type": "application/json"})
+        assert reply.status_code == 400, (body[:10], reply.text)
+        assert reply.headers["content-type"].startswith("application/json")
+        error = reply.json()
+        assert "JSON" in error["error"] and "JSON" in error["message"], error
+    ok = requests.post(f"{base_url}/parse", json={"a": [1]}, timeout=TIMEOUT)
+    assert ok.status_code == 200 and ok.json() == {"received": {"a": [1]}}
+
+
+def test_json_errors_of_the_handlers_own_making_stay_500(serve_client, base_url):
+    _deploy(serve_client, "own_data", decodes_its_own_data, methods=("POST",))
+    _deploy(serve_client, "catches", catches_bad_json, methods=("POST",))
+    reply = requests.post(f"{base_url}/own_data", data=b'{"valid": true}', timeout=TIMEOUT)
+    assert reply.status_code == 500
+    assert reply.json()["error"] == "JSONDecodeError"
+
+    caught = requests.post(f"{base_url}/catches", data=b"{not json", timeout=TIMEOUT)
+    assert caught.status_code == 200
+    assert caught.json() == {"caught": "Expecting property name enclosed in double quotes",
+                             "pos": 1}
