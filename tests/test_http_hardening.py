@@ -159,7 +159,7 @@ def test_head_on_an_endpoint_that_allows_head_reaches_the_handler_as_head(serve_
         assert head.status == 200
         assert head.headers["x-handled-as"] == "HEAD"
         assert int(head.headers["content-length"]) == len(b"handled as HEAD")
-        _send(sock, "GET", "/head_aware")  # neither GET nor HEAD-by-GET: 405
+        _send(sock, "GET", "/head_aware")  # a HEAD-only endpoint does not answer GET
         refused = reader.reply()
         assert refused.status == 405 and refused.headers["allow"] == "HEAD"
     assert requests.head(f"http://127.0.0.1:{http_port}/head_aware",
