@@ -188,13 +188,44 @@ class ReplicaOptions:
 
 @dataclass
 class HTTPOptions:
-    """Where proxies listen and the limits they enforce on every request."""
+    """Where proxies listen and the limits they enforce on every request and connection.
+
+    A proxy may run in the Dask scheduler's process and event loop, so every way a
+    client can hold on to it is bounded: file descriptors (``max_connections``),
+    memory per request (``max_header_size``, ``max_body_size``) and time
+    (the ``*_timeout_s`` fields). Defaults suit production; each is a field so that
+    deployments behind load balancers or with slow uploads can widen it.
+
+    - ``max_connections`` (1024): open client connections per proxy. Past it a new
+      connection gets a canned 503 with ``Retry-After`` and is closed at once,
+      before anything is parsed or routed. It is also capped at half the process's
+      file-descriptor limit, which the scheduler needs for its workers and clients.
+    - ``max_header_size`` (64 KiB): bytes of request line plus headers; past it the
+      client gets 431 and the connection is closed.
+    - ``header_timeout_s`` (10 s): time from accepting a connection until its first
+      request's headers have fully arrived. Cuts off clients that open connections
+      and send nothing, or dribble headers (slowloris).
+    - ``keep_alive_timeout_s`` (5 s): time from the end of a response until the next
+      request's headers on that connection have fully arrived. Tornado runs one
+      deadline per request head, so this bounds an idle keep-alive connection and a
+      slow head on it alike. Set it above the idle timeout of a load balancer in
+      front, so that the balancer, not the proxy, closes idle connections.
+    - ``body_timeout_s`` (60 s): time to receive a whole request body, however it is
+      sent; raise it with ``max_body_size`` for large uploads over slow links.
+    - ``max_body_size`` (100 MiB) and ``request_timeout_s`` (none) bound what one
+      request may send and how long its answer may take (413 and 504).
+    """
 
     host: str = "127.0.0.1"
     port: int = 8000
     location: str | None = "HeadOnly"
     max_body_size: int = 100 * 1024 * 1024
     request_timeout_s: float | None = None
+    max_connections: int = 1024
+    max_header_size: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: float = 5.0
+    body_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _check_type("http_options.host", self.host, (str,), "a string")
@@ -213,6 +244,13 @@ class HTTPOptions:
         if self.request_timeout_s is not None:
             _check_number("http_options.request_timeout_s", self.request_timeout_s,
                           minimum=0, allow_equal=False)
+        _check_number("http_options.max_connections", self.max_connections, minimum=1,
+                      integer=True)
+        _check_number("http_options.max_header_size", self.max_header_size, minimum=1,
+                      integer=True)
+        for name in ("header_timeout_s", "keep_alive_timeout_s", "body_timeout_s"):
+            _check_number(f"http_options.{name}", getattr(self, name), minimum=0,
+                          allow_equal=False)
 
     @classmethod
     def coerce(cls, value: Mapping[str, Any] | None) -> "HTTPOptions":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from .config import HTTP_METHODS
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 HTTP_REQUESTS = Counter(
@@ -15,6 +17,15 @@ HTTP_REQUESTS = Counter(
 
 
 def record_http(route: str, method: str, status: int, endpoint: str) -> None:
+    """Count one answered request.
+
+    Every distinct label set is a series kept for the life of the process, so
+    labels must come from bounded sets, never from what a client may invent:
+    ``route`` is an endpoint's route, a built-in route or "" (callers ensure it),
+    and a method outside the standard ones counts as "other".
+    """
+    if method not in HTTP_METHODS:
+        method = "other"
     HTTP_REQUESTS.labels(route, method, str(status), endpoint).inc()
 
 

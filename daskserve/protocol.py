@@ -52,8 +52,9 @@ class WireRequest(TypedDict):
     """An HTTP request as the proxy read it; the replica rebuilds a Starlette Request."""
 
     method: str
-    path: str
-    query: str
+    path: str                    # percent-decoded, as routes are matched
+    raw_path: str | None         # as sent, one char per byte; None if path needed no decoding
+    query: str                   # as sent, one char per byte
     headers: list[tuple[str, str]]
     body: bytes
     client: list | None          # [host, port] of the HTTP client
