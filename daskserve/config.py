@@ -138,6 +138,9 @@ class ReplicaOptions:
     def __post_init__(self) -> None:
         _check_number("replica_options.num_cpus", self.num_cpus, minimum=0)
         _check_number("replica_options.num_gpus", self.num_gpus, minimum=0)
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"replica_options.num_gpus above 1 must be a whole number of "
+                             f"GPUs (a share of one GPU is below 1), got {self.num_gpus!r}")
         _check_type("replica_options.resources", self.resources, (dict,), "a dict")
         for name, amount in self.resources.items():
             _check_type("replica_options.resources key", name, (str,), "a string")

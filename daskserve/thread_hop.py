@@ -32,6 +32,10 @@ class ThreadHop:
     def _call(self, future: asyncio.Future, fn: Callable[[], Any]) -> None:
         try:
             self._finished.append((future, True, fn()))
+        except StopIteration as exc:
+            # A future cannot hold StopIteration (it would end the awaiting coroutine's
+            # frame), so asyncio refuses it; wrap it as coroutines themselves do.
+            self._finished.append((future, False, RuntimeError(f"handler raised {exc!r}")))
         except BaseException as exc:  # handed to the awaiting coroutine, not lost
             self._finished.append((future, False, exc))
         with self._lock:

@@ -44,7 +44,8 @@ def shard_point(shard_key: str | bytes) -> float:
     if isinstance(shard_key, str):
         shard_key = shard_key.encode()
     digest = hashlib.blake2b(shard_key, digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    # 53 bits: exactly what a float holds, so the largest digest stays below 1.0.
+    return (int.from_bytes(digest, "big") >> 11) / 2**53
 
 
 class TrafficPolicy:

@@ -8,6 +8,7 @@ worker it chose.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 EPSILON = 1e-9
@@ -42,7 +43,7 @@ class WorkerCapacity:
             fitting = [i for i, free in enumerate(self.gpu_free) if free + EPSILON >= amount]
             return [min(fitting, key=lambda i: self.gpu_free[i])] if fitting else None
         whole = [i for i, free in enumerate(self.gpu_free) if free >= 1 - EPSILON]
-        needed = int(round(amount))
+        needed = math.ceil(amount - EPSILON)  # never fewer GPUs than asked for
         return whole[:needed] if len(whole) >= needed else None
 
 

@@ -504,7 +504,17 @@ def test_omp_num_threads_follows_num_cpus_and_env_vars_override(serve_client):
     assert seen["half_cpu"]["OMP_NUM_THREADS"] == "1"   # rounded up, never 0
     assert seen["custom"]["OMP_NUM_THREADS"] == "3"
     assert seen["custom"]["DASKSERVE_TEST_FLAG"] == "on"
-    assert seen["two_cpus"]["DASKSERVE_TEST_FLAG"] in (None, "on")
+    assert seen["two_cpus"]["DASKSERVE_TEST_FLAG"] is None   # set by nobody before it
+
+    # A replica's variables leave with it: one placed afterwards sees the worker's own.
+    serve_client.delete_endpoint("custom")
+    serve_client.delete_backend("custom")
+    serve_client.create_backend("after", EnvProbe, *names, config={"num_replicas": 2})
+    serve_client.create_endpoint("after", backend="after")
+    handle = serve_client.get_handle("after")
+    after = [handle.remote().result(RESULT_TIMEOUT) for _ in range(10)]
+    assert all(s["DASKSERVE_TEST_FLAG"] is None and s["OMP_NUM_THREADS"] == "1"
+               for s in after), after
 
 
 # -- 6. real NVIDIA GPUs -------------------------------------------------------------------

@@ -241,10 +241,6 @@ def test_released_fraction_returns_the_gpu_for_whole_demands():
     assert place(ledger, {"GPU": 1}) == ("w1", [0])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "WorkerCapacity._gpu_slots gives a demand above 1 GPU int(round(amount)) whole GPUs, "
-    "so a non-integer demand such as 1.2, 2.3 or 2.5 (round-half-even) gets fewer GPUs "
-    "than it asked for, while the ledger books the full amount"))
 @pytest.mark.parametrize("amount", [1.2, 2.3, 2.5])
 def test_non_integer_multi_gpu_demand_gets_at_least_what_it_asked(amount):
     ledger = ledger_with(("w1", 16, {}, 4))

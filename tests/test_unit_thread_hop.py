@@ -45,20 +45,6 @@ class Fatal(BaseException):
     """Not an Exception: must reach the caller all the same."""
 
 
-def _future_rejects_stop_iteration() -> bool:
-    """Whether this Python's asyncio.Future.set_exception refuses StopIteration
-    (it raises TypeError up to 3.12; 3.13 wraps it in a RuntimeError instead)."""
-    loop = asyncio.new_event_loop()
-    try:
-        try:
-            loop.create_future().set_exception(StopIteration())
-        except TypeError:
-            return True
-        return False
-    finally:
-        loop.close()
-
-
 def test_result_reaches_the_awaiting_coroutine_from_a_pool_thread():
     async def main(hop, pool):
         loop_thread = threading.get_ident()
@@ -183,9 +169,6 @@ def test_cancelled_future_is_skipped_without_error(raises):
     assert run(main, pool_threads=1) == (True, "after", "later")
 
 
-@pytest.mark.xfail(_future_rejects_stop_iteration(), strict=True, reason=(
-    "ThreadHop._hand_out calls future.set_exception(StopIteration()), which this "
-    "Python's asyncio refuses with TypeError: the caller's future is never resolved"))
 def test_stop_iteration_from_the_call_reaches_the_caller():
     def fn():
         raise StopIteration
@@ -202,20 +185,18 @@ def test_stop_iteration_from_the_call_reaches_the_caller():
     assert isinstance(run(main, pool_threads=1), (StopIteration, RuntimeError))
 
 
-@pytest.mark.xfail(_future_rejects_stop_iteration(), strict=True, reason=(
-    "when set_exception(StopIteration()) raises inside ThreadHop._hand_out, the loop "
-    "over finished calls stops and results queued behind it stay undelivered"))
 def test_results_queued_behind_a_stop_iteration_are_delivered():
     def fn():
         raise StopIteration
 
     async def main(hop, pool):
-        hop.run(pool, fn)
+        failing = hop.run(pool, fn)
         behind = hop.run(pool, lambda: "behind")
         drain(pool)
         for _ in range(3):
             await asyncio.sleep(0)
         assert behind.done(), "a healthy call would wait for an unrelated later one"
+        assert isinstance(failing.exception(), (StopIteration, RuntimeError))
         return behind.result()
 
     assert run(main, pool_threads=1) == "behind"

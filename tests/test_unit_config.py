@@ -1,0 +1,61 @@
+"""Configuration that is refused, and the per-process environment replicas share;
+no cluster needed."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from daskserve.config import ReplicaOptions
+from daskserve.worker_plugin import ProcessEnvironment
+
+
+def test_packed_environment_is_refused_until_supported():
+    with pytest.raises(ValueError, match="replica_options.env"):
+        ReplicaOptions(env="/some/env.tar.gz")
+    with pytest.raises(ValueError, match="replica_options.env"):
+        ReplicaOptions.coerce({"env": object()})
+
+
+@pytest.mark.parametrize("amount", [1.5, 2.3])
+def test_more_than_one_gpu_must_be_whole(amount):
+    with pytest.raises(ValueError, match="num_gpus"):
+        ReplicaOptions(num_gpus=amount)
+    assert ReplicaOptions(num_gpus=2).demand()["GPU"] == 2.0
+    assert ReplicaOptions(num_gpus=0.25).demand()["GPU"] == 0.25
+
+
+@pytest.fixture
+def clean_names(monkeypatch):
+    names = ("DASKSERVE_UNIT_A", "DASKSERVE_UNIT_B")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DASKSERVE_UNIT_B", "worker's own")
+    return names
+
+
+def test_environment_of_a_removed_replica_does_not_leak(clean_names):
+    a, b = clean_names
+    env = ProcessEnvironment()
+    env.add("r1", {a: "one", b: "one"})
+    env.add("r2", {a: "two"})
+    assert (os.environ[a], os.environ[b]) == ("two", "one")
+
+    env.remove("r2")            # r1 still sets A: its value comes back
+    assert os.environ[a] == "one"
+    env.remove("r1")            # nobody sets them: the worker's own values return
+    assert a not in os.environ
+    assert os.environ[b] == "worker's own"
+
+
+def test_older_replica_leaving_keeps_the_newer_value(clean_names):
+    a, _ = clean_names
+    env = ProcessEnvironment()
+    env.add("r1", {a: "one"})
+    env.add("r2", {a: "two"})
+    env.remove("r1")
+    assert os.environ[a] == "two"
+    env.remove("r2")
+    assert a not in os.environ
+    env.remove("unknown")       # removing what was never added changes nothing
+    assert a not in os.environ
