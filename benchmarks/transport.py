@@ -3,12 +3,13 @@ worker handler daskserve installs (the fast path it uses)?
 
     python benchmarks/transport.py [--duration 3]
 
-Both paths call the same method of the same live replica (a Dask actor) with the
-same message: N noop handle calls pickled as one blob. Only the transport differs:
+Both paths reach the same live replica executor with the same message: N noop
+handle calls pickled as one blob. Only the transport differs:
 
 - actor:   ``await actor.handle(...)`` through Dask's actor proxy
-  (``actor_execute``, arguments wrapped by Dask's serialization);
-- handler: ``daskserve_call`` on the worker via the client's connection pool, the
+  (``actor_execute``, arguments wrapped by Dask's serialization), on an actor that
+  hands the message to the executor;
+- handler: ``WorkerOp.CALL`` on the worker via the client's connection pool, the
   path routers use.
 
 Prints messages/s and calls/s for messages of 1 and 64 calls, 1 and 16 in flight.
@@ -22,11 +23,11 @@ import sys
 
 import cloudpickle
 import dask
-from distributed import Actor, Client, LocalCluster
+from distributed import Client, LocalCluster, get_worker
 
 import daskserve as serve
-from daskserve.protocol import CALL
-from daskserve.replica import Replica
+from daskserve.protocol import WorkerOp
+from daskserve.worker_plugin import ServeWorkerPlugin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import rate  # noqa: E402
@@ -36,11 +37,21 @@ async def noop(*args):
     return None
 
 
-async def measure(address: str, worker: str, key: str, duration: float) -> list[tuple]:
+class ExecutorActor:
+    """A Dask actor in front of a replica's executor: the ``actor_execute`` path."""
+
+    def __init__(self, replica: str):
+        self._executor = ServeWorkerPlugin.on(get_worker()).executors[replica]
+
+    async def handle(self, http: list, calls: list) -> tuple:
+        return await self._executor.handle(http, calls)
+
+
+async def measure(address: str, worker: str, replica: str, duration: float) -> list[tuple]:
     rows = []
     async with Client(address, asynchronous=True, direct_to_workers=True) as client:
-        actor = Actor(Replica, worker, key)  # binds to the current (this) client
-        rpc = getattr(client.rpc(worker), CALL)
+        actor = await client.submit(ExecutorActor, replica, actor=True, workers=[worker])
+        rpc = getattr(client.rpc(worker), WorkerOp.CALL)
         for size in (1, 64):
             blob = cloudpickle.dumps([("__call__", (1,), {})] * size)
             calls = cloudpickle.loads(blob)
@@ -49,7 +60,7 @@ async def measure(address: str, worker: str, key: str, duration: float) -> list[
                 await actor.handle([], calls)
 
             async def via_handler() -> None:
-                await rpc(key=key, calls=blob)
+                await rpc(replica=replica, calls=blob)
 
             for in_flight in (1, 16):
                 a = await rate(via_actor, in_flight, duration)
@@ -67,10 +78,11 @@ def main() -> None:
     with cluster, Client(cluster) as client:
         sc = serve.start(client, http_options={"location": "NoServer"})
         sc.create_backend("noop", noop)
-        key = next(k for k in client.run(lambda dask_worker: list(dask_worker.state.actors))
-                   .popitem()[1])
         worker = next(iter(client.scheduler_info()["workers"]))
-        rows = asyncio.run(measure(cluster.scheduler_address, worker, key, args.duration))
+        replica = client.run(lambda dask_worker: next(iter(
+            ServeWorkerPlugin.on(dask_worker).executors)), workers=[worker])[worker]
+        rows = asyncio.run(measure(cluster.scheduler_address, worker, replica,
+                                   args.duration))
         sc.shutdown()
     print("\n| calls per message | in flight | actor_execute msgs/s | worker handler msgs/s "
           "| handler / actor | handler calls/s |")

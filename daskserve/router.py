@@ -306,6 +306,14 @@ class Router:
             except asyncio.TimeoutError:
                 pass
 
+    def load(self, backend: str) -> int:
+        """Queries for ``backend`` this router has sent and not seen answered, plus
+        those waiting for a free replica (shadow copies included)."""
+        state = self._backends.get(backend)
+        if state is None:
+            return 0
+        return sum(link.in_flight for link in state.links) + len(state.waiting)
+
     def close(self, reason: str = "router closed") -> None:
         self.closed = True
         for backend in self._backends.values():

@@ -319,21 +319,27 @@ def test_traffic_change_does_not_drop_in_flight_requests(serve_client, base_url,
 
 
 # -- 5. shadow testing -----------------------------------------------------------------------
-def _stable_count(control, timeout: float = 20.0) -> int:
-    """The shadow's call count once it stopped changing for a while."""
-    deadline = time.monotonic() + timeout
-    last, since = None, time.monotonic()
-    while time.monotonic() < deadline:
-        now = control.options(method_name="count").remote().result(RESULT_TIMEOUT)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since > 1.0:
-            return now
-        time.sleep(0.1)
-    pytest.fail("shadow call count never settled")
+def _settled_count(dask_client, control, backend: str) -> int:
+    """The shadow's call count once no router holds a copy for it any longer.
+
+    Shadow copies leave from two routers: the HTTP proxy's (in the scheduler) and
+    this process's handle router. When neither has one in flight or waiting, every
+    copy has run and the count is final.
+    """
+    from daskserve.handle import _router_for
+    from scheduler_plugin import PLUGIN_NAME
+
+    def proxy_load(dask_scheduler, backend=backend, name=PLUGIN_NAME):
+        return dask_scheduler.plugins[name].proxies.head.router.load(backend)
+
+    handle_router, _ = _router_for(control.scheduler_address)
+    wait_until(lambda: handle_router.load(backend) == 0
+               and dask_client.run_on_scheduler(proxy_load) == 0,
+               20, what=f"routers to hold no copy for {backend!r}")
+    return control.options(method_name="count").remote().result(RESULT_TIMEOUT)
 
 
-def test_shadow_traffic(serve_client, base_url, tmp_path):
+def test_shadow_traffic(serve_client, base_url, tmp_path, dask_client):
     serve_client.create_backend("primary", name_of("primary"),
                                 replica_options={"num_cpus": 0.5})
     serve_client.create_backend("recorder", Recorder, replica_options={"num_cpus": 0.5})
@@ -386,12 +392,12 @@ def test_shadow_traffic(serve_client, base_url, tmp_path):
     serve_client.shadow_traffic("e", "slow", 0)
 
     # Proportion 0 stops shadowing.
-    base = _stable_count(recorder)
+    base = _settled_count(dask_client, recorder, "recorder")
     serve_client.shadow_traffic("e", "recorder", 0)
     assert serve_client.list_endpoints()["e"]["shadows"] == {}
     assert http_get_many([(url, None)] * 20) == [(200, "primary")] * 20
     assert [handle.remote().result(RESULT_TIMEOUT) for _ in range(10)] == ["primary"] * 10
-    assert _stable_count(recorder) == base
+    assert _settled_count(dask_client, recorder, "recorder") == base
 
     # Proportion p shadows about p of the requests.
     p, n = 0.3, 1000
@@ -399,7 +405,7 @@ def test_shadow_traffic(serve_client, base_url, tmp_path):
     assert serve_client.list_endpoints()["e"]["shadows"] == {"recorder": pytest.approx(p)}
     futures = [handle.remote() for _ in range(n)]
     assert all(f.result(RESULT_TIMEOUT) == "primary" for f in futures)
-    got = _stable_count(recorder) - base
+    got = _settled_count(dask_client, recorder, "recorder") - base
     lo, hi = binomial_interval(n, p)
     assert lo <= got <= hi, f"{got}/{n} requests shadowed at p={p}; accepted [{lo}, {hi}]"
 
