@@ -284,6 +284,26 @@ def test_get_handle_of_unknown_endpoint_raises_key_error(serve_client):
         serve.get_handle("nowhere")
 
 
+def test_one_error_type_for_an_endpoint_that_does_not_exist(serve_client):
+    """Every way of naming a missing endpoint raises EndpointNotFoundError, which is a
+    KeyError and a ValueError too."""
+    attempts = [
+        lambda: serve_client.get_handle("nowhere"),
+        lambda: serve_client.set_traffic("nowhere", {"x": 1.0}),
+        lambda: serve_client.delete_endpoint("nowhere"),
+    ]
+    serve_client.create_backend("present", double)
+    attempts.append(lambda: serve_client.shadow_traffic("nowhere", "present", 0.5))
+    serve_client.create_endpoint("gone", backend="present")
+    handle = serve_client.get_handle("gone")
+    serve_client.delete_endpoint("gone")
+    attempts.append(lambda: handle.remote().result(timeout=TIMEOUT))
+    for attempt in attempts:
+        with pytest.raises(serve.EndpointNotFoundError, match="does not exist") as info:
+            attempt()
+        assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+
+
 # -- replica context ----------------------------------------------------------------------
 def test_replica_context_in_handler(serve_client):
     handle = _deploy(serve_client, "whoami", whoami, config={"num_replicas": 2})
