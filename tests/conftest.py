@@ -5,6 +5,7 @@ test can never answer for the next one.
 """
 from __future__ import annotations
 
+import math
 import socket
 import time
 
@@ -56,3 +57,43 @@ def serve_client(dask_client, http_port):
 @pytest.fixture
 def base_url(serve_client, http_port) -> str:
     return f"http://127.0.0.1:{http_port}"
+
+
+@pytest.fixture
+def own_serve(dask_client, http_port):
+    """Start serve instances with custom http_options; shut them down afterwards."""
+    started = []
+
+    def start(**options):
+        client = serve.start(dask_client, http_options={"port": http_port, **options})
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        client.shutdown()
+
+
+def binomial_interval(n: int, p: float, alpha: float = 1e-6) -> tuple[int, int]:
+    """Acceptance interval [lo, hi] for Binomial(n, p).
+
+    P(X < lo) <= alpha/2 and P(X > hi) <= alpha/2, so a correct router lands
+    outside with probability <= alpha. Exact tails by summing the pmf (log-space).
+    """
+    if p <= 0:
+        return 0, 0
+    if p >= 1:
+        return n, n
+    log_p, log_q = math.log(p), math.log1p(-p)
+    lg_n1 = math.lgamma(n + 1)
+    pmf = [math.exp(lg_n1 - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                    + k * log_p + (n - k) * log_q) for k in range(n + 1)]
+    lo, tail = 0, 0.0
+    while lo < n and tail + pmf[lo] <= alpha / 2:
+        tail += pmf[lo]
+        lo += 1
+    hi, tail = n, 0.0
+    while hi > 0 and tail + pmf[hi] <= alpha / 2:
+        tail += pmf[hi]
+        hi -= 1
+    return lo, hi

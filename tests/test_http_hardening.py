@@ -167,21 +167,6 @@ def test_head_on_an_endpoint_that_allows_head_reaches_the_handler_as_head(serve_
 
 
 # -- 2. slow, idle, numerous and oversized connections ---------------------------------------
-@pytest.fixture
-def own_serve(dask_client, http_port):
-    """Start a serve instance with custom http_options; shut it down afterwards."""
-    started = []
-
-    def start(**options):
-        client = serve.start(dask_client, http_options={"port": http_port, **options})
-        started.append(client)
-        return client
-
-    yield start
-    for client in started:
-        client.shutdown()
-
-
 def _closed_by_server(sock: socket.socket) -> bool:
     """Wait (up to the socket's timeout) for the server to end the connection."""
     try:

@@ -121,21 +121,6 @@ def _post(url, **kwargs):
     return requests.post(url, timeout=TIMEOUT, **kwargs)
 
 
-@pytest.fixture
-def own_serve(dask_client, http_port):
-    """Start a serve instance with custom http_options; shut it down afterwards."""
-    started = []
-
-    def start(**options):
-        client = serve.start(dask_client, http_options={"port": http_port, **options})
-        started.append(client)
-        return client, f"http://127.0.0.1:{http_port}"
-
-    yield start
-    for client in started:
-        client.shutdown()
-
-
 # -- routing ----------------------------------------------------------------------------
 def test_exact_route_match(serve_client, base_url):
     _deploy(serve_client, "hello", hello, route="/api/hello")
@@ -322,8 +307,8 @@ def test_dict_list_and_none_are_sent_as_json(serve_client, base_url):
 
 
 # -- limits -----------------------------------------------------------------------------
-def test_body_over_max_body_size_is_413(own_serve):
-    client, url = own_serve(max_body_size=1000)
+def test_body_over_max_body_size_is_413(own_serve, http_port):
+    client, url = own_serve(max_body_size=1000), f"http://127.0.0.1:{http_port}"
     _deploy(client, "digest", body_digest, methods=("POST",))
     at_limit = _post(f"{url}/digest", data=b"x" * 1000)
     assert at_limit.status_code == 200
@@ -337,16 +322,16 @@ def test_body_over_max_body_size_is_413(own_serve):
     assert _post(f"{url}/digest", data=b"small").json()["length"] == 5
 
 
-def test_chunked_body_over_max_body_size_is_413(own_serve):
-    client, url = own_serve(max_body_size=1000)
+def test_chunked_body_over_max_body_size_is_413(own_serve, http_port):
+    client, url = own_serve(max_body_size=1000), f"http://127.0.0.1:{http_port}"
     _deploy(client, "digest", body_digest, methods=("POST",))
     reply = _post(f"{url}/digest", data=iter([b"y" * 600, b"y" * 600]))
     assert reply.status_code == 413
     assert _post(f"{url}/digest", data=b"ok").json()["length"] == 2
 
 
-def test_request_timeout_gives_504(own_serve):
-    client, url = own_serve(request_timeout_s=0.5)
+def test_request_timeout_gives_504(own_serve, http_port):
+    client, url = own_serve(request_timeout_s=0.5), f"http://127.0.0.1:{http_port}"
     _deploy(client, "gate", Gate)
     _deploy(client, "hello", hello)
     reply = _get(f"{url}/gate")  # waits on a gate that nobody has opened

@@ -8,11 +8,9 @@ probability at most 1e-6 (see ``binomial_interval``).
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import sys
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,38 +19,12 @@ import pytest
 import requests
 
 import daskserve as serve
-from conftest import wait_until
+from conftest import binomial_interval, wait_until
 
 # Worker processes cannot import this test module; ship its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 RESULT_TIMEOUT = 30
-FALSE_FAILURE_RATE = 1e-6  # per interval check, split evenly between the two tails
-
-
-def binomial_interval(n: int, p: float, alpha: float = FALSE_FAILURE_RATE) -> tuple[int, int]:
-    """Smallest-tails acceptance interval [lo, hi] for Binomial(n, p).
-
-    P(X < lo) <= alpha/2 and P(X > hi) <= alpha/2, so a correct router lands
-    outside with probability <= alpha. Exact tails by summing the pmf (log-space).
-    """
-    if p <= 0:
-        return 0, 0
-    if p >= 1:
-        return n, n
-    log_p, log_q = math.log(p), math.log1p(-p)
-    lg_n1 = math.lgamma(n + 1)
-    pmf = [math.exp(lg_n1 - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-                    + k * log_p + (n - k) * log_q) for k in range(n + 1)]
-    lo, tail = 0, 0.0
-    while lo < n and tail + pmf[lo] <= alpha / 2:
-        tail += pmf[lo]
-        lo += 1
-    hi, tail = n, 0.0
-    while hi > 0 and tail + pmf[hi] <= alpha / 2:
-        tail += pmf[hi]
-        hi -= 1
-    return lo, hi
 
 
 def name_of(tag):

@@ -15,35 +15,11 @@ from collections import Counter
 
 import pytest
 
+from conftest import binomial_interval
 from daskserve import traffic
 from daskserve.traffic import TrafficPolicy, shard_point, validate_traffic
 
 KNOWN = {"a", "b", "c"}
-FALSE_FAILURE_RATE = 1e-6
-
-
-def binomial_interval(n: int, p: float, alpha: float = FALSE_FAILURE_RATE) -> tuple[int, int]:
-    """Acceptance interval [lo, hi] for Binomial(n, p): each tail outside has mass <= alpha/2.
-
-    (Same construction as in test_traffic.py, kept here so this file imports nothing heavy.)
-    """
-    if p <= 0:
-        return 0, 0
-    if p >= 1:
-        return n, n
-    log_p, log_q = math.log(p), math.log1p(-p)
-    lg_n1 = math.lgamma(n + 1)
-    pmf = [math.exp(lg_n1 - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-                    + k * log_p + (n - k) * log_q) for k in range(n + 1)]
-    lo, tail = 0, 0.0
-    while lo < n and tail + pmf[lo] <= alpha / 2:
-        tail += pmf[lo]
-        lo += 1
-    hi, tail = n, 0.0
-    while hi > 0 and tail + pmf[hi] <= alpha / 2:
-        tail += pmf[hi]
-        hi -= 1
-    return lo, hi
 
 
 def assert_split(counts: Counter, n: int, weights: dict[str, float]) -> None:
