@@ -262,6 +262,40 @@ def test_restored_replicas_that_fit_nowhere_are_pending_with_the_reason(dask_cli
         client.shutdown()
 
 
+def test_a_closing_scheduler_leaves_the_checkpoint_as_it_was(tmp_path):
+    from distributed import Client, LocalCluster
+
+    path = tmp_path / "serve.ckpt"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as dask_client:
+        client = serve.start(dask_client, http_options={"location": "NoServer"},
+                             checkpoint_path=path)
+        client.create_backend("double", double)
+        client.create_endpoint("double", backend="double")
+        stored = checkpoint.load(path)
+    # Closing the scheduler tears the instance down, but that is no user's change.
+    assert checkpoint.load(path) == stored
+    assert set(stored.backends) == {"double"} and set(stored.endpoints) == {"double"}
+
+
+def test_cli_start_takes_a_checkpoint_path(dask_client, tmp_path):
+    path = tmp_path / "serve.ckpt"
+    done = subprocess.run(
+        [sys.executable, "-m", "daskserve.cli", "start", "--scheduler",
+         dask_client.scheduler.address, "--location", "NoServer",
+         "--checkpoint-path", str(path)],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = serve.connect(dask_client)
+    try:
+        assert client.info()["checkpoint_path"] == str(path)
+        client.create_backend("double", double)
+        assert set(checkpoint.load(path).backends) == {"double"}
+    finally:
+        client.shutdown()
+
+
 def test_a_corrupt_checkpoint_stops_serve_start(dask_client, tmp_path):
     path = tmp_path / "serve.ckpt"
     path.write_bytes(b"\x00half a file")
