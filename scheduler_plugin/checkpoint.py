@@ -12,6 +12,11 @@ unpickles user data here either. ``format_version`` is read before anything else
 a later daskserve keeps a reader for each older format, and an older daskserve refuses
 a newer file by name instead of misreading it.
 
+Saves follow the user's intent: every API call that changed the state returns only
+once the new state is in the file; an explicit ``shutdown`` stores the emptied state,
+so a restart after it starts empty; a scheduler that closes or dies leaves the file as
+it was, so a restart serves again.
+
 What an operator gets when the file is not usable:
 
 - No file at the path: a first start. The controller starts empty and writes one.
