@@ -5,6 +5,7 @@ instance that replica belongs to).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, Mapping
 
 from distributed import Client, LocalCluster, get_client
@@ -17,21 +18,45 @@ _current: ServeClient | None = None
 
 
 def start(dask_client: Client | None = None,
-          http_options: Mapping[str, Any] | None = None) -> ServeClient:
+          http_options: Mapping[str, Any] | None = None,
+          checkpoint_path: str | os.PathLike | None = None) -> ServeClient:
     """Install the controller on the cluster's scheduler (idempotent) and connect.
 
     With no ``dask_client`` a ``LocalCluster`` is started and owned by the returned
-    client: ``shutdown()`` closes it too.
+    client: ``shutdown()`` closes it too. ``checkpoint_path`` is a file on the
+    scheduler's host (relative paths are taken from the scheduler's working
+    directory); if it holds a checkpoint, the instance serves that state at once.
     """
     from scheduler_plugin import PLUGIN_NAME, ServeController
 
     options = HTTPOptions.coerce(http_options)
+    if checkpoint_path is not None:
+        checkpoint_path = os.fspath(checkpoint_path)
     owns_cluster = dask_client is None
     if dask_client is None:
         dask_client = Client(LocalCluster(processes=True, threads_per_worker=1,
                                           dashboard_address=":0"))
-    dask_client.register_plugin(ServeController(options.to_dict()), name=PLUGIN_NAME)
-    return _set_current(ServeClient(dask_client, owns_cluster=owns_cluster))
+    dask_client.register_plugin(ServeController(options.to_dict(), checkpoint_path),
+                                name=PLUGIN_NAME)
+    client = ServeClient(dask_client, owns_cluster=owns_cluster)
+    if checkpoint_path is not None:
+        _check_same_checkpoint(client, checkpoint_path)
+    return _set_current(client)
+
+
+def _check_same_checkpoint(client: ServeClient, requested: str) -> None:
+    """An instance that was already running kept its own checkpoint path: a caller
+    who asked for another must learn that its state is not stored where it thinks."""
+    from scheduler_plugin.checkpoint import resolve
+
+    running = client.info().get("checkpoint_path")
+    wanted = client.dask_client.run_on_scheduler(resolve, requested)
+    if running != wanted:
+        where = f"with checkpoint_path {running!r}" if running else "without a checkpoint_path"
+        raise ValueError(
+            f"the daskserve instance on scheduler {client.scheduler_address} already runs "
+            f"{where}, not checkpoint_path {wanted!r}; use serve.connect, or shut it "
+            f"down and start it again with the path you want")
 
 
 def connect(dask_client: Client | None = None) -> ServeClient:

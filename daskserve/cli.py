@@ -91,7 +91,11 @@ def demo(host: str, port: int, duration: float | None) -> None:
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--location", default="HeadOnly", show_default=True,
               type=click.Choice(["HeadOnly", "EveryNode", "NoServer"]))
-def start(address: str | None, host: str, port: int, location: str) -> None:
+@click.option("--checkpoint-path", default=None,
+              help="File on the scheduler's host holding the serve state; restored "
+                   "if present, rewritten after every change. Its directory must exist.")
+def start(address: str | None, host: str, port: int, location: str,
+          checkpoint_path: str | None) -> None:
     """Install daskserve on a cluster's scheduler (or on a new local cluster)."""
     import daskserve as serve
     from distributed import Client
@@ -99,13 +103,17 @@ def start(address: str | None, host: str, port: int, location: str) -> None:
     stop = _stop_signal()
     dask_client = Client(address) if address else _local_client(workers=2, threads=1)
     client = serve.start(dask_client, http_options={"host": host, "port": port,
-                                                    "location": location})
+                                                    "location": location},
+                         checkpoint_path=checkpoint_path)
     click.echo(json.dumps(client.info(), indent=2, default=str))
     if address is None:
         click.echo(f"local scheduler: {dask_client.scheduler.address}; Ctrl-C stops it")
         _wait(stop, None)
-        client.shutdown()
+        if checkpoint_path is None:
+            client.shutdown()  # with a checkpoint, the next start serves this state again
     dask_client.close()
+    if address is None and dask_client.cluster is not None:
+        dask_client.cluster.close()
 
 
 def _connect(address: str) -> Any:

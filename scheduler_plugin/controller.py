@@ -10,13 +10,22 @@ logs which proxies lag and returns), so an HTTP request sent right after
 
 Nothing here unpickles user data: backend code and ``user_config`` arrive as
 bytes pickled by the calling Python client and go to replicas as they are.
+
+With a checkpoint path, the desired state is restored from it before anything
+serves, and every API call that changed it returns only once the new state is in
+the file (``checkpoint.py`` says what is stored and when a file is refused). A
+change made outside an API call must ``await self.checkpoint.save(self.desired)``.
+The state emptied by a closing scheduler is not saved, so a restart serves again;
+an explicit ``shutdown`` is, so a restart after it starts empty.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, Callable
 
+from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
@@ -26,6 +35,7 @@ from daskserve.tasks import spawn
 from daskserve.worker_plugin import PLUGIN_NAME as WORKER_PLUGIN_NAME
 from daskserve.worker_plugin import ServeWorkerPlugin
 
+from .checkpoint import CheckpointStore
 from .proxies import ProxyFleet
 from .replicas import ReplicaManager
 from .state import DesiredState, ObservedState, describe_backend, routing_table
@@ -43,12 +53,13 @@ class ServeController(SchedulerPlugin):
     name = PLUGIN_NAME
     idempotent = True  # a second ``serve.start`` attaches instead of replacing
 
-    def __init__(self, http_options: dict | None = None):
+    def __init__(self, http_options: dict | None = None, checkpoint_path: str | None = None):
         self.http_options = HTTPOptions.coerce(http_options).to_dict()
+        self.checkpoint_path = checkpoint_path  # resolved in ``start``, on the scheduler
 
     def handlers(self) -> dict[str, Callable]:
         """The client API and the routers' long-poll, as scheduler handlers."""
-        return {
+        handlers = {
             ControllerOp.LISTEN: self.listen,
             ControllerOp.INFO: self.info,
             ControllerOp.SHUTDOWN: self.shutdown,
@@ -63,11 +74,15 @@ class ServeController(SchedulerPlugin):
             ControllerOp.SET_TRAFFIC: self.set_traffic,
             ControllerOp.SHADOW_TRAFFIC: self.shadow_traffic,
         }
+        return {op: handler if op in _READ_ONLY else self._checkpointed(handler)
+                for op, handler in handlers.items()}
 
     # -- plugin hooks -------------------------------------------------------------
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        self.desired = DesiredState()
+        self.checkpoint = CheckpointStore(self.checkpoint_path)
+        self.checkpoint_path = self.checkpoint.path
+        self.desired = await self.checkpoint.restore()  # before anything serves
         self.observed = ObservedState()
         self.version = 0  # of the routing table
         self._changed = asyncio.Event()
@@ -86,6 +101,7 @@ class ServeController(SchedulerPlugin):
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
         await self._workers_settled()
+        await self._reconcile_all()  # restored replicas that fit nowhere yet show as pending
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
         task = self._spawn(self._worker_joined(worker))
@@ -130,6 +146,18 @@ class ServeController(SchedulerPlugin):
             if any(r.status == "pending" for r in observed.replicas.values()) or \
                     len(observed.replicas) < spec.num_replicas:
                 await self.replicas.reconcile(spec)
+
+    def _checkpointed(self, handler: Callable) -> Callable:
+        """``handler``, returning only once the state it changed is checkpointed."""
+        @functools.wraps(handler)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await handler(*args, **kwargs)
+            finally:
+                if self.scheduler.status not in (Status.closing, Status.closed):
+                    # (a closing scheduler's teardown emptied the state: not saved)
+                    await self.checkpoint.save(self.desired)
+        return call
 
     # -- routing table ------------------------------------------------------------------
     def table(self) -> RoutingTable:
@@ -239,6 +267,7 @@ class ServeController(SchedulerPlugin):
     # -- instance -----------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
         return {"version": self.version, "http_options": self.http_options,
+                "checkpoint_path": self.checkpoint_path,
                 "proxies": self.proxies.addresses(),
                 "workers": self.replicas.ledger.snapshot()}
 
@@ -265,6 +294,10 @@ class ServeController(SchedulerPlugin):
         for name in self.handlers():
             if name != ControllerOp.LISTEN:  # routers still polling learn of the shutdown
                 self.scheduler.handlers.pop(name, None)
+
+
+_READ_ONLY = frozenset({ControllerOp.LISTEN, ControllerOp.INFO, ControllerOp.LIST_BACKENDS,
+                        ControllerOp.GET_BACKEND_CONFIG, ControllerOp.LIST_ENDPOINTS})
 
 
 def _log_failure(task: asyncio.Task) -> None:

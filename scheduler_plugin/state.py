@@ -149,6 +149,45 @@ class DesiredState:
         self.endpoints.clear()
         self._changed()
 
+    # -- plain values, for checkpoints --------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The whole state as msgpack-native values; code and user_config stay bytes."""
+        return {
+            "version": self.version,
+            "backends": [{"tag": b.tag, "code": b.code, "config": dict(b.config),
+                          "replica_options": dict(b.replica_options)}
+                         for b in self.backends.values()],
+            "endpoints": [{"name": e.name, "route": e.route, "methods": list(e.methods),
+                           "traffic": dict(e.traffic), "shadows": dict(e.shadows)}
+                          for e in self.endpoints.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DesiredState":
+        """Rebuild a state through the same checks as live changes.
+
+        A stored state may have been edited by hand or written under older rules;
+        replaying it through the methods means a restored controller can only hold a
+        state it could have reached through the API. Raises ``ValueError``,
+        ``TypeError`` or ``KeyError`` naming what does not fit.
+        """
+        state = cls()
+        for b in data["backends"]:
+            if not isinstance(b["code"], bytes):
+                raise TypeError(f"backend {b['tag']!r}: code must be bytes")
+            state.add_backend(b["tag"], b["code"], b["config"], b["replica_options"])
+        for e in data["endpoints"]:
+            state.add_endpoint(e["name"], None, e["route"], e["methods"])
+            if e["traffic"]:
+                state.set_traffic(e["name"], e["traffic"])
+            for backend, proportion in e["shadows"].items():
+                state.set_shadow(e["name"], backend, proportion)
+        version = data["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be a non-negative integer, got {version!r}")
+        state.version = version  # the count of changes goes on where it stopped
+        return state
+
 
 def _check_name(kind: str, name: Any) -> None:
     if not isinstance(name, str) or not name:

@@ -26,6 +26,13 @@ class Greeter:
         return self.pid
 
 
+class ConfiguredGreeter(Greeter):
+    """A class backend whose punctuation comes from ``user_config``."""
+
+    def reconfigure(self, user_config):
+        self.punctuation = user_config["punctuation"]
+
+
 def triple(x):
     return 3 * x
 
