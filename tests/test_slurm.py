@@ -1,0 +1,280 @@
+"""daskserve on dask-jobqueue workers that are real SLURM jobs.
+
+An HPC user's cluster manager, not daskserve, decides when workers come and go: a
+``cluster.scale(n)`` cancels jobs with ``scancel`` while requests are in flight.
+These tests run that against a real single-node SLURM (``ci/slurm.sh``) and count
+every request, so a request stranded by a job that went away shows up as a
+failure. They skip, saying why, where no SLURM answers.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import threading
+import time
+from collections import Counter
+
+import cloudpickle
+import pytest
+import requests
+
+import daskserve as serve
+from daskserve.errors import ReplicaUnavailableError
+from conftest import free_port, wait_until
+from slurm_support import slurm_problem, squeue_jobs
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+PROBLEM = slurm_problem()
+if PROBLEM:
+    print(f"\ntest_slurm: skipped: {PROBLEM}", file=sys.stderr)
+    pytestmark.append(pytest.mark.skip(reason=PROBLEM))
+
+# Backends defined here travel by value: SLURM workers cannot import this module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+TIMEOUT = 10        # a request that takes longer than this is counted as hung
+START_TIMEOUT = 90  # safety limit for jobs to start and replicas to settle
+THREADS = 4
+MAX_REQUESTS_PER_THREAD = 1500  # bounds the load loop whatever the timing
+
+
+class WhereAmI:
+    """Says which SLURM job ran each request, and echoes what identifies it."""
+
+    def __call__(self, request):
+        return {"x": request.query_params["x"], "job": os.environ.get("SLURM_JOB_ID")}
+
+    def echo(self, x):
+        return {"x": x, "job": os.environ.get("SLURM_JOB_ID")}
+
+
+def slurm_cluster(tmp_path, **options):
+    from dask_jobqueue import SLURMCluster
+
+    scheduler_options = {"dashboard_address": ":0", **options.pop("scheduler_options", {})}
+    return SLURMCluster(cores=1, processes=1, memory="1GB", walltime="00:15:00",
+                        interface="lo", log_directory=str(tmp_path),
+                        scheduler_options=scheduler_options, **options)
+
+
+def job_ids(cluster) -> set[str]:
+    return {job.job_id for job in cluster.workers.values() if job.job_id}
+
+
+def running_replicas(serve_client, backend="where") -> int:
+    return serve_client.list_backends()[backend]["replicas"].get("running", 0)
+
+
+def worker_count(dask_client) -> int:
+    return len(dask_client.scheduler_info(n_workers=-1)["workers"])
+
+
+def close_cluster(dask_client, cluster) -> set[str]:
+    """Close everything; return the job ids the cluster had, to check squeue with."""
+    jobs = job_ids(cluster)
+    dask_client.close()
+    cluster.close()
+    return jobs
+
+
+def assert_no_jobs_left(jobs: set[str]) -> None:
+    # scancel returns before the jobs finish; they leave squeue within KillWait.
+    wait_until(lambda: not squeue_jobs(jobs), timeout=60, interval=0.5,
+               what=f"jobs {sorted(jobs)} to leave squeue")
+
+
+def assert_no_lost_task_errors(caplog) -> None:
+    gc.collect()  # "never retrieved" is reported when the task is collected
+    bad = [r.getMessage() for r in caplog.records
+           if "never retrieved" in r.getMessage() or "was destroyed but it is pending"
+           in r.getMessage()]
+    assert not bad, bad
+
+
+class Load:
+    """Threads sending requests (HTTP and handle calls in turn) and checking each answer.
+
+    Every request has a client-side timeout, so a stranded one is counted as
+    ``hung`` instead of blocking the test. ``unavailable`` are the 503s / errors the
+    contract allows for requests that were executing on a replica whose worker died.
+    """
+
+    def __init__(self, url: str, handle, threads: int = THREADS):
+        self.url, self.handle = url, handle
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.counts: Counter = Counter()
+        self.problems: list[str] = []
+        self.jobs: Counter = Counter()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                        for i in range(threads)]
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(TIMEOUT * 3)
+        assert not any(t.is_alive() for t in self.threads), "a load thread did not stop"
+
+    def _record(self, outcome: str, problem: str | None = None, job: str | None = None):
+        with self.lock:
+            self.counts[outcome] += 1
+            if problem:
+                self.problems.append(problem)
+            if job:
+                self.jobs[job] += 1
+
+    def _run(self, thread: int) -> None:
+        session = requests.Session()
+        method = self.handle.options(method_name="echo")
+        for i in range(MAX_REQUESTS_PER_THREAD):
+            if self.stop.is_set():
+                return
+            x = f"{thread}-{i}"
+            if i % 2:
+                self._http(session, x)
+            else:
+                self._call(method, x)
+
+    def _http(self, session, x: str) -> None:
+        try:
+            reply = session.get(f"{self.url}/where", params={"x": x}, timeout=TIMEOUT)
+        except requests.Timeout:
+            return self._record("hung", f"HTTP x={x}: no answer in {TIMEOUT}s")
+        except requests.RequestException as exc:
+            return self._record("wrong", f"HTTP x={x}: {exc!r}")
+        if reply.status_code == 200 and reply.json().get("x") == x:
+            return self._record("ok", job=reply.json()["job"])
+        if reply.status_code == 503 and "ReplicaUnavailableError" in reply.text:
+            return self._record("unavailable")
+        self._record("wrong", f"HTTP x={x}: {reply.status_code} {reply.text[:300]}")
+
+    def _call(self, method, x: str) -> None:
+        import concurrent.futures
+
+        try:
+            value = method.remote(x).result(timeout=TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            return self._record("hung", f"handle x={x}: no answer in {TIMEOUT}s")
+        except ReplicaUnavailableError:
+            return self._record("unavailable")
+        except Exception as exc:
+            return self._record("wrong", f"handle x={x}: {exc!r}")
+        if value.get("x") == x:
+            return self._record("ok", job=value["job"])
+        self._record("wrong", f"handle x={x}: {value!r}")
+
+    def wait_for_answers(self, count: int) -> None:
+        """Let at least ``count`` more requests finish, so each phase sees traffic."""
+        target = sum(self.counts.values()) + count
+        wait_until(lambda: sum(self.counts.values()) >= target or
+                   not any(t.is_alive() for t in self.threads),
+                   timeout=START_TIMEOUT, what=f"{count} more answers")
+
+
+def scale_and_settle(cluster, dask_client, serve_client, jobs: int) -> None:
+    cluster.scale(jobs)
+    wait_until(lambda: worker_count(dask_client) == jobs and len(cluster.workers) == jobs,
+               timeout=START_TIMEOUT, interval=0.2, what=f"{jobs} SLURM workers")
+    wait_until(lambda: running_replicas(serve_client) == 2 and
+               serve_client.list_backends()["where"]["status"] == "RUNNING",
+               timeout=START_TIMEOUT, interval=0.2,
+               what=f"both replicas running on {jobs} worker(s)")
+
+
+def deploy(serve_client) -> None:
+    # Half a CPU each, so both replicas fit on the one one-core job left after
+    # scaling down to a single job.
+    serve_client.create_backend("where", WhereAmI, config={"num_replicas": 2},
+                                replica_options={"num_cpus": 0.5})
+    serve_client.create_endpoint("where", backend="where", route="/where")
+
+
+def test_serve_start_on_slurm_cluster_survives_scaling(tmp_path, caplog):
+    from distributed import Client
+
+    caplog.set_level(logging.WARNING)
+    port = free_port()
+    cluster = slurm_cluster(tmp_path)
+    dask_client = Client(cluster)
+    jobs_seen: set[str] = set()
+    try:
+        cluster.scale(2)
+        dask_client.wait_for_workers(2, timeout=START_TIMEOUT)
+        serve_client = serve.start(dask_client, http_options={"port": port})
+        deploy(serve_client)
+        url = f"http://127.0.0.1:{port}"
+        handle = serve_client.get_handle("where")
+
+        # Each replica runs inside its own SLURM job and sees that job's id.
+        first_jobs = job_ids(cluster)
+        assert len(first_jobs) == 2
+        seen = {handle.options(method_name="echo").remote(i).result(timeout=TIMEOUT)["job"]
+                for i in range(40)}
+        seen |= {requests.get(f"{url}/where", params={"x": i}, timeout=TIMEOUT).json()["job"]
+                 for i in range(40)}
+        assert seen == first_jobs
+
+        with Load(url, handle) as load:
+            load.wait_for_answers(100)
+            for jobs in (3, 1, 2):
+                jobs_seen |= job_ids(cluster)
+                scale_and_settle(cluster, dask_client, serve_client, jobs)
+                if jobs == 1:
+                    # Both replicas moved to the one job left and answer from there.
+                    (only_job,) = job_ids(cluster)
+                    replies = {handle.options(method_name="echo").remote(i)
+                               .result(timeout=TIMEOUT)["job"] for i in range(20)}
+                    assert replies == {only_job}
+                load.wait_for_answers(100)
+            jobs_seen |= job_ids(cluster)
+
+        counts = load.counts
+        print(f"\nrequests: {dict(counts)}; answered by jobs {dict(load.jobs)}")
+        assert counts["hung"] == 0 and counts["wrong"] == 0, load.problems[:20]
+        # Only requests executing on a replica whose job was cancelled may fail
+        # (503 / ReplicaUnavailableError). One job at a time is lost (3 -> 1 loses
+        # two), and each load thread has at most one request in flight.
+        assert counts["unavailable"] <= THREADS * 2, dict(counts)
+        assert counts["ok"] >= 400
+        serve_client.shutdown()
+    finally:
+        jobs_seen |= close_cluster(dask_client, cluster)
+    assert_no_jobs_left(jobs_seen)
+    assert_no_lost_task_errors(caplog)
+
+
+def test_preload_in_jobqueue_scheduler_options(tmp_path, caplog):
+    from distributed import Client
+
+    caplog.set_level(logging.WARNING)
+    port = free_port()
+    # The controller and its proxy start with the scheduler, before any client.
+    cluster = slurm_cluster(tmp_path, scheduler_options={
+        "preload": ["scheduler_plugin"],
+        "preload_argv": [["--serve-http-port", str(port)]]})
+    dask_client = Client(cluster)
+    try:
+        assert requests.get(f"http://127.0.0.1:{port}/-/routes", timeout=TIMEOUT).json() == {}
+        cluster.scale(2)
+        dask_client.wait_for_workers(2, timeout=START_TIMEOUT)
+        serve_client = serve.connect(dask_client)
+        deploy(serve_client)
+        url = f"http://127.0.0.1:{port}/where"
+        jobs = {requests.get(url, params={"x": i}, timeout=TIMEOUT).json()["job"]
+                for i in range(40)}
+        assert jobs == job_ids(cluster)
+        handle = serve_client.get_handle("where").options(method_name="echo")
+        assert handle.remote("h").result(timeout=TIMEOUT)["x"] == "h"
+        serve_client.shutdown()
+    finally:
+        jobs = close_cluster(dask_client, cluster)
+    assert_no_jobs_left(jobs)
+    assert_no_lost_task_errors(caplog)
