@@ -9,8 +9,11 @@ failure. They skip, saying why, where no SLURM answers.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -278,3 +281,70 @@ def test_preload_in_jobqueue_scheduler_options(tmp_path, caplog):
         jobs = close_cluster(dask_client, cluster)
     assert_no_jobs_left(jobs)
     assert_no_lost_task_errors(caplog)
+
+
+def test_cli_start_cluster_slurm_runs_until_sigterm(tmp_path):
+    """``daskserve start --cluster slurm``: jobs, controller and proxy from one
+    command; ``status`` lists the jobs; SIGTERM cancels them all."""
+    from distributed import Client
+
+    port = free_port()
+    # What an HPC user keeps in jobqueue.yaml, given here through Dask's environment.
+    env = {**os.environ, "DASK_JOBQUEUE__SLURM__INTERFACE": "lo",
+           "DASK_JOBQUEUE__SLURM__WALLTIME": "00:15:00",
+           "DASK_JOBQUEUE__SLURM__SCHEDULER_OPTIONS": "{'dashboard_address': ':0'}"}
+    out, err = tmp_path / "start.out", tmp_path / "start.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "daskserve.cli", "start", "--cluster", "slurm",
+             "--jobs", "2", "--cores", "1", "--memory", "1GB", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=stdout, stderr=stderr, text=True)
+    jobs: list[str] = []
+    try:
+        def scheduler_address():
+            assert server.poll() is None, err.read_text()[-3000:]
+            lines = [l for l in out.read_text().splitlines() if l.startswith("scheduler: ")]
+            return lines[0].split(": ", 1)[1] if lines else None
+
+        address = wait_until(scheduler_address, timeout=START_TIMEOUT, interval=0.2,
+                             what="the scheduler address on stdout")
+        wait_until(lambda: _healthy(port), timeout=START_TIMEOUT, interval=0.2,
+                   what="the proxy")
+
+        def running_jobs():
+            done = subprocess.run([sys.executable, "-m", "daskserve.cli", "status",
+                                   "--scheduler", address], capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 0, done.stderr[-3000:]
+            listed = json.loads(done.stdout).get("slurm_jobs", [])
+            ok = len(listed) == 2 and all(j["state"] == "RUNNING" for j in listed)
+            return listed if ok else None
+
+        listed = wait_until(running_jobs, timeout=START_TIMEOUT, interval=0.5,
+                            what="status to list 2 running SLURM jobs")
+        jobs = [j["job_id"] for j in listed]
+        assert set(squeue_jobs(jobs)) == set(jobs)
+
+        with Client(address, timeout=START_TIMEOUT) as dask_client:
+            dask_client.wait_for_workers(2, timeout=START_TIMEOUT)
+            serve_client = serve.connect(dask_client)
+            deploy(serve_client)
+            reply = requests.get(f"http://127.0.0.1:{port}/where", params={"x": "cli"},
+                                 timeout=TIMEOUT).json()
+            assert reply["x"] == "cli" and reply["job"] in jobs
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0, err.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+    assert_no_jobs_left(set(jobs))
+    assert "never retrieved" not in err.read_text(), err.read_text()[-3000:]
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/-/healthz", timeout=5).ok
+    except requests.ConnectionError:
+        return False
