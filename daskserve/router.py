@@ -138,6 +138,9 @@ class ReplicaLink:
             message["http"] = [q.wire for q in http]
         if calls:
             message["calls"] = cloudpickle.dumps([(q.method, q.args, q.kwargs) for q in calls])
+        if self._retired:  # it left the table after this batch was flushed to it
+            self._on_done(self, batch, True)
+            return
         connecting = asyncio.ensure_future(self._pool.connect(self.address))
         self._connecting.add(connecting)
         try:
