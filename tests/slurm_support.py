@@ -5,14 +5,17 @@ The tests never start SLURM themselves (that needs root and package installs);
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 
 HOW_TO_START = "start a single-node SLURM with ci/slurm.sh (as root)"
 
 
+@functools.lru_cache(maxsize=None)
 def slurm_problem() -> str | None:
-    """Why SLURM cannot run the tests' jobs here, or None when it can."""
+    """Why SLURM cannot run the tests' jobs here, or None when it can (asked once per
+    session: sinfo takes seconds to give up on a controller that is down)."""
     for command in ("sbatch", "squeue", "sinfo", "scancel"):
         if shutil.which(command) is None:
             return f"SLURM is not installed ({command} not found); {HOW_TO_START}"
