@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import click
 import dask
@@ -84,6 +84,90 @@ def demo(host: str, port: int, duration: float | None) -> None:
             cluster.close()
 
 
+# -- SLURM through dask-jobqueue -----------------------------------------------------
+JOBS_METADATA = "daskserve-slurm-jobs"  # where status finds the jobs of `start --cluster`
+
+
+def _slurm_options(command: Callable) -> Callable:
+    """``start --cluster slurm``: what an HPC user types; jobqueue's config file
+    (queue, account, walltime, interface...) supplies the rest."""
+    for option in reversed([
+        click.option("--cluster", type=click.Choice(["slurm"]), default=None,
+                     help="Start a SLURM cluster (dask-jobqueue) and serve on it, "
+                          "in the foreground until Ctrl-C."),
+        click.option("--jobs", type=click.IntRange(min=0), default=None,
+                     help="SLURM jobs (Dask workers) to run, with --cluster slurm "
+                          "[default: 1]."),
+        click.option("--cores", type=click.IntRange(min=1), default=None,
+                     help="Cores per job (default: dask-jobqueue's config)."),
+        click.option("--memory", default=None,
+                     help="Memory per job, e.g. 4GB (default: dask-jobqueue's config)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _start_slurm(host: str, port: int, location: str, checkpoint_path: str | None,
+                 cluster: str, jobs: int | None, cores: int | None, memory: str | None
+                 ) -> None:
+    """Controller and proxy live in this process with the Dask scheduler; replicas in
+    the jobs. Closing the cluster on the way out cancels every job it submitted."""
+    import daskserve as serve
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    stop = _stop_signal()
+    sizes = {k: v for k, v in {"cores": cores, "memory": memory}.items() if v is not None}
+    slurm_cluster = SLURMCluster(**sizes)
+    dask_client = Client(slurm_cluster)
+    try:
+        client = serve.start(dask_client, http_options={"host": host, "port": port,
+                                                        "location": location},
+                             checkpoint_path=checkpoint_path)
+        slurm_cluster.scale(jobs=1 if jobs is None else jobs)
+        click.echo(json.dumps(client.info(), indent=2, default=str))
+        click.echo(f"scheduler: {dask_client.scheduler.address}")
+        click.echo("Ctrl-C stops serving and cancels the SLURM jobs", err=True)
+        _publish_jobs(stop, dask_client, slurm_cluster)
+        if checkpoint_path is None:
+            client.shutdown()  # with a checkpoint, the next start serves this state again
+    finally:
+        dask_client.close()
+        slurm_cluster.close()
+
+
+def _publish_jobs(stop: threading.Event, dask_client: Any, slurm_cluster: Any) -> None:
+    """Keep the job list ``daskserve status`` shows current (jobs are submitted in the
+    background and come and go with walltime) until Ctrl-C or SIGTERM."""
+    published = None
+    try:
+        while not stop.is_set():
+            workers = dict(slurm_cluster.workers)  # a copy: the cluster's loop edits it
+            current = [{"name": name, "job_id": job.job_id}
+                       for name, job in sorted(workers.items()) if job.job_id]
+            if current != published:
+                dask_client.set_metadata(JOBS_METADATA, current)
+                published = current
+            stop.wait(1.0)
+    except KeyboardInterrupt:
+        pass
+
+
+def _job_states(jobs: list[dict]) -> list[dict]:
+    """The published jobs with their state as squeue reports it, where it can."""
+    import shutil
+    import subprocess
+
+    states: dict[str, str] = {}
+    if jobs and shutil.which("squeue"):
+        done = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j",
+                               ",".join(j["job_id"] for j in jobs)],
+                              capture_output=True, text=True, timeout=30)
+        states = dict(line.split(None, 1) for line in done.stdout.splitlines()
+                      if line.strip())
+    return [{**j, "state": states.get(j["job_id"], "not in squeue")} for j in jobs]
+
+
 @main.command()
 @click.option("--scheduler", "address", default=None,
               help="Scheduler address; without it a local cluster is started.")
@@ -94,12 +178,19 @@ def demo(host: str, port: int, duration: float | None) -> None:
 @click.option("--checkpoint-path", default=None,
               help="File on the scheduler's host holding the serve state; restored "
                    "if present, rewritten after every change. Its directory must exist.")
+@_slurm_options
 def start(address: str | None, host: str, port: int, location: str,
-          checkpoint_path: str | None) -> None:
-    """Install daskserve on a cluster's scheduler (or on a new local cluster)."""
+          checkpoint_path: str | None, **slurm: Any) -> None:
+    """Install daskserve on a cluster's scheduler (or on a new local or SLURM cluster)."""
     import daskserve as serve
     from distributed import Client
 
+    if slurm["cluster"] == "slurm":
+        if address:
+            raise click.UsageError("--scheduler and --cluster slurm exclude each other")
+        return _start_slurm(host, port, location, checkpoint_path, **slurm)
+    if any(value is not None for value in slurm.values()):
+        raise click.UsageError("--jobs, --cores and --memory go with --cluster slurm")
     stop = _stop_signal()
     dask_client = Client(address) if address else _local_client(workers=2, threads=1)
     client = serve.start(dask_client, http_options={"host": host, "port": port,
@@ -130,6 +221,9 @@ def status(address: str) -> None:
     client = _connect(address)
     report = {"instance": client.info(), "backends": client.list_backends(),
               "endpoints": client.list_endpoints()}
+    jobs = client.dask_client.get_metadata(JOBS_METADATA, None)
+    if jobs is not None:  # started with `daskserve start --cluster slurm`
+        report["slurm_jobs"] = _job_states(jobs)
     click.echo(json.dumps(report, indent=2, default=repr))
     client.dask_client.close()
 

@@ -92,7 +92,7 @@ class ReplicaLink:
     """
 
     __slots__ = ("backend", "tag", "address", "in_flight", "_pool", "_pending",
-                 "_flush_scheduled", "_on_done")
+                 "_flush_scheduled", "_on_done", "_connecting", "_retired")
 
     def __init__(self, backend: str, tag: str, address: str, pool: ConnectionPool,
                  on_done: Callable[["ReplicaLink", list, bool], None]):
@@ -104,6 +104,19 @@ class ReplicaLink:
         self._pending: list[Query] = []
         self._flush_scheduled = False
         self._on_done = on_done
+        self._connecting: set[asyncio.Future] = set()
+        self._retired = False
+
+    def retire(self) -> None:
+        """The replica left the routing table: stop connecting to it.
+
+        A worker that died (a cancelled SLURM job) refuses connections, and the pool
+        retries those until its connect timeout (30 s); batches still connecting go
+        to the replicas of the new table instead. Nothing was sent, so none started.
+        """
+        self._retired = True
+        for connecting in self._connecting:
+            connecting.cancel()
 
     def send(self, query: Query) -> None:
         self.in_flight += 1
@@ -125,12 +138,27 @@ class ReplicaLink:
             message["http"] = [q.wire for q in http]
         if calls:
             message["calls"] = cloudpickle.dumps([(q.method, q.args, q.kwargs) for q in calls])
+        if self._retired:  # it left the table after this batch was flushed to it
+            self._on_done(self, batch, True)
+            return
+        connecting = asyncio.ensure_future(self._pool.connect(self.address))
+        self._connecting.add(connecting)
         try:
-            comm = await self._pool.connect(self.address)
+            comm = await connecting
+        except asyncio.CancelledError:
+            if not self._retired:
+                raise  # this task itself was cancelled, not only its connect
+            self._on_done(self, batch, True)  # nothing was sent: other replicas take these
+            return
         except OSError:
             # Nothing was sent, so nothing started: other replicas may take these.
             self._on_done(self, batch, True)
             return
+        except Exception as exc:  # the pool is closed: no replica is reachable from here
+            self._fail(batch, ServeError(f"cannot reach replica {self.tag!r}: {exc}"))
+            return
+        finally:
+            self._connecting.discard(connecting)
         try:
             reply = await send_recv(comm, op=WorkerOp.CALL, **message)
         except (CommClosedError, OSError) as exc:
@@ -276,7 +304,11 @@ class Router:
             previous = old_backends.get(tag)
             backends[tag] = _Backend(tag, spec["max_concurrent_queries"], links,
                                      previous.waiting if previous else deque())
-        self._links = {link.tag: link for b in backends.values() for link in b.links}
+        links = {link.tag: link for b in backends.values() for link in b.links}
+        for tag, link in self._links.items():
+            if tag not in links:
+                link.retire()
+        self._links = links
         self.endpoints = {name: _Endpoint(name, spec)
                           for name, spec in table["endpoints"].items()}
         self.routes = {e.route: e for e in self.endpoints.values() if e.route}

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port
+from conftest import free_port, wait_until
+from slurm_support import slurm_problem, squeue_jobs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -25,7 +26,11 @@ EXPECTED = {
     "gpu_placement.py": ["model_a RUNNING", "model_b RUNNING", "model_c PENDING",
                          "'backend': 'model_a'"],
     "composition.py": ["{'x': 3.0, 'scores': [7.0, 9.0], 'mean': 8.0}"],
+    "slurm_jobqueue.py": ["{'y': 6.0}", "replicas answer from 2 SLURM job(s)",
+                          "after scale(jobs=1): replicas answer from 1 SLURM job(s)",
+                          "{'running': 2}"],
 }
+NEEDS_SLURM = {"slurm_jobqueue.py"}
 
 
 def test_every_example_is_covered():
@@ -34,13 +39,22 @@ def test_every_example_is_covered():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example_runs(name):
+def test_example_runs(name, tmp_path):
+    slurm = name in NEEDS_SLURM
+    if slurm and slurm_problem():
+        pytest.skip(slurm_problem())
+    jobs_before = set(squeue_jobs()) if slurm else set()
     env = {**os.environ, "DASKSERVE_PORT": str(free_port())}
+    # SLURM writes its jobs' output files into the working directory.
     done = subprocess.run([sys.executable, str(EXAMPLES / name)], env=env,
+                          cwd=tmp_path if slurm else None,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     for line in EXPECTED[name]:
         assert line in done.stdout, f"{line!r} missing from:\n{done.stdout}"
+    if slurm:  # the example cancelled every job it started
+        wait_until(lambda: not set(squeue_jobs()) - jobs_before, timeout=60,
+                   what="the example's SLURM jobs to leave squeue")
 
 
 @pytest.mark.slow
