@@ -15,6 +15,11 @@ from .context import current_replica
 
 _current: ServeClient | None = None
 
+# A cluster daskserve starts serves its Dask dashboard on loopback only, like the
+# proxy: the dashboard shows task code and logs and can start profilers, so it must
+# not face the network unless its owner asks (with a cluster of their own).
+DASHBOARD_ADDRESS = "127.0.0.1:0"
+
 
 def start(dask_client: Client | None = None,
           http_options: Mapping[str, Any] | None = None) -> ServeClient:
@@ -29,7 +34,7 @@ def start(dask_client: Client | None = None,
     owns_cluster = dask_client is None
     if dask_client is None:
         dask_client = Client(LocalCluster(processes=True, threads_per_worker=1,
-                                          dashboard_address=":0"))
+                                          dashboard_address=DASHBOARD_ADDRESS))
     dask_client.register_plugin(ServeController(options.to_dict()), name=PLUGIN_NAME)
     return _set_current(ServeClient(dask_client, owns_cluster=owns_cluster))
 

@@ -18,10 +18,12 @@ def main() -> None:
 def _local_client(workers: int, threads: int) -> Any:
     from distributed import Client, LocalCluster
 
+    from .api import DASHBOARD_ADDRESS
+
     # uvloop reaches Nanny-spawned workers through the Dask config.
     with dask.config.set({"distributed.admin.event-loop": _event_loop()}):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads,
-                               processes=True, dashboard_address=":0")
+                               processes=True, dashboard_address=DASHBOARD_ADDRESS)
         return Client(cluster)
 
 

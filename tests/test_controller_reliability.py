@@ -1,0 +1,189 @@
+"""The controller under stress: shutdown with requests in flight, scheduler restarts,
+concurrent updates, lost proxy workers, and inputs it must refuse.
+
+Each test here reproduces a defect found on an earlier version and guards its fix.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from distributed import Client, LocalCluster
+
+import daskserve as serve
+from conftest import free_port, wait_until
+
+TIMEOUT = 30  # safety limit for every remote result and HTTP request
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+IN_FLIGHT = 30
+
+
+# -- backends (module level: workers import this module by name) ---------------------------
+_gates: dict[str, dict] = {}  # per worker process: gate name -> arrivals and its event
+
+
+def _gate(name: str) -> dict:
+    if name not in _gates:
+        _gates[name] = {"arrived": 0, "open": asyncio.Event()}
+    return _gates[name]
+
+
+class Gated:
+    """Holds every request until the test opens its gate, so requests stay in flight."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    async def __call__(self, *args):
+        gate = _gate(self.name)
+        gate["arrived"] += 1
+        await gate["open"].wait()
+        return "released"
+
+
+def _arrived(name: str) -> int:
+    return _gates[name]["arrived"] if name in _gates else 0
+
+
+async def _open_gate(name: str) -> None:
+    _gate(name)["open"].set()
+
+
+def _arrivals(dask_client: Client, name: str) -> int:
+    return sum(dask_client.run(_arrived, name).values())
+
+
+class ReconfigureRefused(Exception):
+    """The user's own exception type, raised by ``reconfigure``."""
+
+
+class Configurable:
+    def __init__(self):
+        self.config = None
+
+    def reconfigure(self, config):
+        if config == "refuse":
+            raise ReconfigureRefused(f"cannot use {config!r}")
+        self.config = config
+
+    def __call__(self, *args):
+        return self.config
+
+
+def hello(*args):
+    return "hello"
+
+
+def where_old(*args):
+    return "old"
+
+
+def from_new_instance(*args):
+    return "new"
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _get(url: str) -> tuple:
+    try:
+        reply = requests.get(url, timeout=2 * TIMEOUT)
+        return reply.status_code, reply.text
+    except requests.RequestException as exc:
+        return "failed", repr(exc)
+
+
+def _port_refuses(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _spawn(args: list, log_path, env: dict | None = None) -> tuple:
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return proc, log
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+# The tests directory on PYTHONPATH lets subprocess workers import this module's backends.
+WORKER_ENV = {"PYTHONPATH": os.pathsep.join(
+    p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)}
+
+
+def _scheduler_args(port: int, *extra: str) -> list:
+    return [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+            "--port", str(port), "--no-dashboard", "--preload", "scheduler_plugin", *extra]
+
+
+def _worker_args(address: str, *extra: str) -> list:
+    return [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "2",
+            "--no-dashboard", "--host", "127.0.0.1", *extra]
+
+
+def _hold_and_release(dask_client: Client, url: str, gate: str, stop, port: int) -> list:
+    """Send IN_FLIGHT requests that the gated backend holds, call ``stop`` (which must
+    begin a shutdown), wait until the proxy refuses new connections, open the gate,
+    and return every request's outcome."""
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        replies = [pool.submit(_get, url) for _ in range(IN_FLIGHT)]
+        wait_until(lambda: _arrivals(dask_client, gate) == IN_FLIGHT, timeout=TIMEOUT,
+                   what=f"{IN_FLIGHT} requests held by the backend")
+        stop()
+        wait_until(lambda: _port_refuses(port), timeout=TIMEOUT,
+                   what="the proxy to stop accepting connections")
+        dask_client.run(_open_gate, gate)
+        return [reply.result(timeout=3 * TIMEOUT) for reply in replies]
+
+
+# -- the dashboard of a cluster daskserve starts listens on loopback -----------------------
+def _dashboard_hosts(dask_scheduler=None) -> list:
+    from distributed.comm.utils import get_tcp_server_addresses
+
+    return [address[0] for address in get_tcp_server_addresses(dask_scheduler.http_server)]
+
+
+def _all_loopback(hosts: list) -> bool:
+    return bool(hosts) and all(ipaddress.ip_address(h).is_loopback for h in hosts)
+
+
+def test_owned_cluster_dashboard_listens_on_loopback():
+    client = serve.start(http_options={"location": "NoServer"})
+    try:
+        hosts = client.dask_client.run_on_scheduler(_dashboard_hosts)
+    finally:
+        client.shutdown()
+    assert _all_loopback(hosts), hosts
+
+
+def test_cli_cluster_dashboard_listens_on_loopback():
+    from daskserve.cli import _local_client
+
+    dask_client = _local_client(workers=0, threads=1)
+    try:
+        hosts = dask_client.run_on_scheduler(_dashboard_hosts)
+    finally:
+        dask_client.close()
+        dask_client.cluster.close()
+    assert _all_loopback(hosts), hosts
