@@ -187,3 +187,33 @@ def test_cli_cluster_dashboard_listens_on_loopback():
         dask_client.close()
         dask_client.cluster.close()
     assert _all_loopback(hosts), hosts
+
+
+# -- names and routes ----------------------------------------------------------------------
+BAD_NAMES = ["nul\x00name", "a/b", "x" * 100_000, "tab\tname", "line\nbreak"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=["nul", "slash", "100k", "tab", "newline"])
+def test_bad_backend_and_endpoint_names_are_refused(serve_client, name):
+    with pytest.raises(ValueError, match="backend name"):
+        serve_client.create_backend(name, hello)
+    serve_client.create_backend("ok", hello, replica_options={"num_cpus": 0.5})
+    with pytest.raises(ValueError, match="endpoint name"):
+        serve_client.create_endpoint(name, backend="ok")
+    assert set(serve_client.list_backends()) == {"ok"}
+    assert serve_client.list_endpoints() == {}
+
+
+@pytest.mark.parametrize("route", ["/a?b=1", "/a#top", "/a\x00b", "/ ", "/a\n", "/" + "x" * 5000])
+def test_bad_routes_are_refused(serve_client, route):
+    with pytest.raises(ValueError, match="route"):
+        serve_client.create_endpoint("e", route=route)
+    assert serve_client.list_endpoints() == {}
+
+
+def test_long_printable_names_and_routes_are_accepted(serve_client, base_url):
+    name = "n" * 256
+    serve_client.create_backend(name, hello, replica_options={"num_cpus": 0.5})
+    serve_client.create_endpoint(name, backend=name, route="/café/model:v1")
+    reply = requests.get(f"{base_url}/caf%C3%A9/model:v1", timeout=TIMEOUT)
+    assert reply.status_code == 200 and reply.text == "hello"
