@@ -141,6 +141,8 @@ class ServeController(SchedulerPlugin):
         version = self.version
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        for gone in self._acks.keys() - self.proxies.listener_ids:
+            del self._acks[gone]  # proxies whose worker left
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PROXY_ACK_TIMEOUT_S
         while any(self._acks.get(p, -1) < version for p in self.proxies.listener_ids):
@@ -155,10 +157,16 @@ class ServeController(SchedulerPlugin):
                 pass
 
     async def listen(self, version: int, listener: str) -> RoutingTable:
-        """Long-poll: return the table once it is newer than ``version``."""
-        self._acks[listener] = version
-        acked, self._acked = self._acked, asyncio.Event()
-        acked.set()
+        """Long-poll: return the table once it is newer than ``version``.
+
+        Only proxies' acknowledgements are kept: API calls wait for proxies alone, and
+        every process that ever used a handle polls too, so keeping theirs would grow
+        without bound.
+        """
+        if listener in self.proxies.listener_ids:
+            self._acks[listener] = version
+            acked, self._acked = self._acked, asyncio.Event()
+            acked.set()
         if self._shut_down:
             return {"version": self.version, "shutdown": True}
         if version >= self.version:

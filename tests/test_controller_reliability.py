@@ -217,3 +217,19 @@ def test_long_printable_names_and_routes_are_accepted(serve_client, base_url):
     serve_client.create_endpoint(name, backend=name, route="/café/model:v1")
     reply = requests.get(f"{base_url}/caf%C3%A9/model:v1", timeout=TIMEOUT)
     assert reply.status_code == 200 and reply.text == "hello"
+
+
+# -- acknowledgements are kept for proxies only --------------------------------------------
+def _ack_ids_beyond_proxies(dask_scheduler=None) -> list:
+    controller = dask_scheduler.plugins["daskserve"]
+    return sorted(set(controller._acks) - controller.proxies.listener_ids)
+
+
+def test_controller_keeps_acks_of_proxies_only(serve_client, dask_client, base_url):
+    serve_client.create_backend("hello", hello, replica_options={"num_cpus": 0.5})
+    serve_client.create_endpoint("hello", backend="hello", route="/hello")
+    assert serve_client.get_handle("hello").remote().result(timeout=TIMEOUT) == "hello"
+    assert requests.get(f"{base_url}/hello", timeout=TIMEOUT).text == "hello"
+    serve_client.set_traffic("hello", {"hello": 1.0})  # the handle's router polls again
+    assert serve_client.get_handle("hello").remote().result(timeout=TIMEOUT) == "hello"
+    assert dask_client.run_on_scheduler(_ack_ids_beyond_proxies) == []
