@@ -21,6 +21,9 @@ class ControllerOp:
     """Scheduler handlers: the client API and the routers' long-poll."""
 
     LISTEN = "daskserve_listen"                  # router: wait for a newer RoutingTable
+    #   (version, listener, epoch): answered at once when ``epoch`` is not the running
+    #   controller's, so a router never keeps a table of an instance that is gone.
+    #   Calls that change state answer with a TableVersion.
     INFO = "daskserve_info"
     SHUTDOWN = "daskserve_shutdown"
     CREATE_BACKEND = "daskserve_create_backend"
@@ -83,13 +86,26 @@ class BackendRoute(TypedDict):
     replicas: list[ReplicaRoute]  # running replicas only
 
 
+class TableVersion(TypedDict):
+    """Names one routing table: which controller instance made it, and when.
+
+    ``version`` counts from 0 in every controller instance (a restarted scheduler
+    starts a new one), so versions compare only within one ``epoch``: a random id
+    each instance makes when it starts.
+    """
+
+    epoch: str
+    version: int
+
+
 class RoutingTable(TypedDict, total=False):
     """Everything a router needs, replaced whole on every change.
 
-    A table with ``shutdown`` set carries nothing else: the instance is gone and
+    A table with ``shutdown`` set carries only its version: the instance is gone and
     routers stop polling.
     """
 
+    epoch: str                   # see TableVersion
     version: int
     endpoints: dict[str, EndpointRoute]
     backends: dict[str, BackendRoute]

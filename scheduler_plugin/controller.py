@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any, Callable
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from daskserve.config import HTTPOptions
-from daskserve.protocol import ControllerOp, RoutingTable
+from daskserve.protocol import ControllerOp, RoutingTable, TableVersion
 from daskserve.tasks import spawn
 from daskserve.worker_plugin import PLUGIN_NAME as WORKER_PLUGIN_NAME
 from daskserve.worker_plugin import ServeWorkerPlugin
@@ -69,7 +70,10 @@ class ServeController(SchedulerPlugin):
         self.scheduler = scheduler
         self.desired = DesiredState()
         self.observed = ObservedState()
-        self.version = 0  # of the routing table
+        # Routing tables are named by (epoch, version); a new epoch per start tells
+        # routers that outlived the previous instance to drop its tables.
+        self.epoch = uuid.uuid4().hex
+        self.version = 0
         self._changed = asyncio.Event()
         self._acked = asyncio.Event()
         self._acks: dict[str, int] = {}
@@ -133,7 +137,11 @@ class ServeController(SchedulerPlugin):
 
     # -- routing table ------------------------------------------------------------------
     def table(self) -> RoutingTable:
-        return routing_table(self.version, self.desired, self.observed)
+        return routing_table(self.epoch, self.version, self.desired, self.observed)
+
+    def stamp(self) -> TableVersion:
+        """The table that includes every change made so far: what changes return."""
+        return {"epoch": self.epoch, "version": self.version}
 
     async def _publish(self) -> None:
         """Announce a new table and wait until every proxy routes by it."""
@@ -156,31 +164,34 @@ class ServeController(SchedulerPlugin):
             except asyncio.TimeoutError:
                 pass
 
-    async def listen(self, version: int, listener: str) -> RoutingTable:
+    async def listen(self, version: int, listener: str,
+                     epoch: str | None = None) -> RoutingTable:
         """Long-poll: return the table once it is newer than ``version``.
+
+        A router holding another epoch's table (or none) gets ours at once: its
+        version number says nothing about this instance's tables.
 
         Only proxies' acknowledgements are kept: API calls wait for proxies alone, and
         every process that ever used a handle polls too, so keeping theirs would grow
         without bound.
         """
-        if listener in self.proxies.listener_ids:
+        current = epoch == self.epoch
+        if current and listener in self.proxies.listener_ids:
             self._acks[listener] = version
             acked, self._acked = self._acked, asyncio.Event()
             acked.set()
-        if self._shut_down:
-            return {"version": self.version, "shutdown": True}
-        if version >= self.version:
+        if current and version >= self.version and not self._shut_down:
             try:
                 await asyncio.wait_for(self._changed.wait(), LISTEN_TIMEOUT_S)
             except asyncio.TimeoutError:
                 pass
         if self._shut_down:
-            return {"version": self.version, "shutdown": True}
+            return {**self.stamp(), "shutdown": True}
         return self.table()
 
     # -- backends ---------------------------------------------------------------
     async def create_backend(self, tag: str, spec: bytes, config: dict,
-                             replica_options: dict) -> int:
+                             replica_options: dict) -> TableVersion:
         await self._workers_settled()
         backend = self.desired.add_backend(tag, spec, config, replica_options)
         errors = await self.replicas.reconcile(backend)
@@ -189,7 +200,7 @@ class ServeController(SchedulerPlugin):
             await self.replicas.remove_backend(tag)
             await self._publish()
             raise RuntimeError(f"backend {tag!r} failed to start: {errors[0]}")
-        return self.version
+        return self.stamp()
 
     async def list_backends(self) -> dict[str, dict]:
         return {tag: describe_backend(spec, self.observed.of(tag))
@@ -198,7 +209,7 @@ class ServeController(SchedulerPlugin):
     async def get_backend_config(self, tag: str) -> dict:
         return self.desired.backend(tag).config
 
-    async def update_backend_config(self, tag: str, config: dict) -> int:
+    async def update_backend_config(self, tag: str, config: dict) -> TableVersion:
         old = self.desired.set_backend_config(tag, config)
         backend = self.desired.backend(tag)
         try:
@@ -212,41 +223,41 @@ class ServeController(SchedulerPlugin):
         errors = await self.replicas.reconcile(backend)
         if errors:
             raise RuntimeError(f"backend {tag!r}: new replicas failed to start: {errors[0]}")
-        return self.version
+        return self.stamp()
 
-    async def delete_backend(self, tag: str) -> int:
+    async def delete_backend(self, tag: str) -> TableVersion:
         self.desired.remove_backend(tag)
         await self.replicas.remove_backend(tag)
-        return self.version
+        return self.stamp()
 
     # -- endpoints --------------------------------------------------------------------
     async def create_endpoint(self, name: str, backend: str | None, route: str | None,
-                              methods: list[str]) -> int:
+                              methods: list[str]) -> TableVersion:
         self.desired.add_endpoint(name, backend, route, methods)
         await self._publish()
-        return self.version
+        return self.stamp()
 
-    async def delete_endpoint(self, name: str) -> int:
+    async def delete_endpoint(self, name: str) -> TableVersion:
         self.desired.remove_endpoint(name)
         await self._publish()
-        return self.version
+        return self.stamp()
 
     async def list_endpoints(self) -> dict[str, dict]:
         return {name: e.describe() for name, e in self.desired.endpoints.items()}
 
-    async def set_traffic(self, endpoint: str, traffic: dict) -> int:
+    async def set_traffic(self, endpoint: str, traffic: dict) -> TableVersion:
         self.desired.set_traffic(endpoint, traffic)
         await self._publish()
-        return self.version
+        return self.stamp()
 
-    async def shadow_traffic(self, endpoint: str, backend: str, proportion: float) -> int:
+    async def shadow_traffic(self, endpoint: str, backend: str, proportion: float) -> TableVersion:
         self.desired.set_shadow(endpoint, backend, proportion)
         await self._publish()
-        return self.version
+        return self.stamp()
 
     # -- instance -----------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
-        return {"version": self.version, "http_options": self.http_options,
+        return {**self.stamp(), "http_options": self.http_options,
                 "proxies": self.proxies.addresses(),
                 "workers": self.replicas.ledger.snapshot()}
 

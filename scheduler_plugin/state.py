@@ -263,10 +263,11 @@ def describe_backend(spec: BackendSpec, observed: BackendReplicas) -> dict[str, 
     }
 
 
-def routing_table(version: int, desired: DesiredState,
+def routing_table(epoch: str, version: int, desired: DesiredState,
                   observed: ObservedState) -> RoutingTable:
     """What routers need: endpoints with policies, and each backend's live replicas."""
     return {
+        "epoch": epoch,
         "version": version,
         "endpoints": {name: e.describe() for name, e in desired.endpoints.items()},
         "backends": {

@@ -157,6 +157,134 @@ def _hold_and_release(dask_client: Client, url: str, gate: str, stop, port: int)
         return [reply.result(timeout=3 * TIMEOUT) for reply in replies]
 
 
+# -- a restarted scheduler's routing tables replace the old instance's ---------------------
+DRIVER = r"""
+import json, sys
+from distributed import Client
+import daskserve as serve
+from daskserve.handle import _router_for
+
+address, timeout = sys.argv[1], float(sys.argv[2])
+dask_client = Client(address, timeout=120)
+handles = {"old": serve.connect(dask_client).get_handle("where")}
+for line in sys.stdin:
+    command, name = line.split()
+    try:
+        if command == "connect":
+            handles[name] = serve.connect(dask_client).get_handle("where")
+            result = "connected"
+        else:
+            result = handles[name].remote().result(timeout=timeout)
+    except Exception as exc:
+        result = f"{type(exc).__name__}: {exc}"
+    print(json.dumps({"result": result, "version": _router_for(address)[0].version}),
+          flush=True)
+"""
+
+
+def _ask(driver: subprocess.Popen, command: str) -> dict:
+    driver.stdin.write(command + "\n")
+    driver.stdin.flush()
+    return json.loads(driver.stdout.readline())
+
+
+@pytest.mark.slow
+def test_router_replaces_its_table_when_the_scheduler_restarts(tmp_path):
+    """A driver process (a long-lived router with a handle made against the first
+    instance) is paused while the scheduler and its worker are killed and restarted and
+    the new instance's version counter reaches the driver's table version. Resumed, the
+    driver's router must notice the new instance (the routing table's epoch) instead of
+    keeping the old table, which names the dead worker."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    args = _scheduler_args(port, "--serve-http-location", "NoServer")
+    processes, logs = [], []
+    dask_client = driver = None
+
+    def start(name, argv, env=None):
+        proc, log = _spawn(argv, tmp_path / f"{name}.log", env)
+        processes.append(proc)
+        logs.append(log)
+        return proc
+
+    try:
+        scheduler = start("scheduler-1", args)
+        worker = start("worker-1", _worker_args(address, "--no-nanny"), WORKER_ENV)
+        dask_client = Client(address, timeout=60, set_as_default=False)
+        dask_client.wait_for_workers(1, timeout=60)
+        client = serve.connect(dask_client)
+        client.create_backend("where", where_old)
+        client.create_endpoint("where", backend="where")
+        for _ in range(20):  # the old instance's table version runs well ahead
+            client.set_traffic("where", {"where": 1.0})
+        dask_client.close()
+
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(TIMEOUT)],
+                                  text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  cwd=REPO_ROOT, env={**os.environ, **WORKER_ENV})
+        first = _ask(driver, "call old")
+        assert first["result"] == "old"
+        old_version = first["version"]
+
+        driver.send_signal(signal.SIGSTOP)
+        for proc in (worker, scheduler):
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+        start("scheduler-2", args)
+        start("worker-2", _worker_args(address, "--no-nanny"), WORKER_ENV)
+        dask_client = Client(address, timeout=60, set_as_default=False)
+        dask_client.wait_for_workers(1, timeout=60)
+        client = serve.connect(dask_client)
+        client.create_backend("where", from_new_instance)
+        client.create_endpoint("where", backend="where")
+        version = client.info()["version"]
+        assert version < old_version
+        for _ in range(old_version - version):  # each change publishes one table
+            client.set_traffic("where", {"where": 1.0})
+        assert client.info()["version"] == old_version
+
+        driver.send_signal(signal.SIGCONT)
+        # A handle made against the new instance is served by it, not by the table
+        # of the old one that has the same version number ...
+        assert _ask(driver, "connect new")["result"] == "connected"
+        assert _ask(driver, "call new")["result"] == "new"
+        # ... and so is the handle made against the old instance.
+        assert _ask(driver, "call old")["result"] == "new"
+    finally:
+        if driver is not None:
+            driver.send_signal(signal.SIGCONT)
+            _stop(driver)
+        if dask_client is not None:
+            dask_client.close(timeout=10)
+        for proc in reversed(processes):
+            _stop(proc)
+        for log in logs:
+            log.close()
+
+
+def test_handle_of_a_previous_instance_does_not_wait_for_its_versions(dask_client):
+    """Versions count per controller instance: a handle made after many changes in one
+    instance must not wait, in the next instance, for a version that may never come."""
+    first = serve.start(dask_client, http_options={"location": "NoServer"})
+    try:
+        first.create_backend("where", where_old, replica_options={"num_cpus": 0.5})
+        first.create_endpoint("where", backend="where")
+        for _ in range(20):
+            first.set_traffic("where", {"where": 1.0})
+        handle = first.get_handle("where")
+        assert handle.remote().result(timeout=TIMEOUT) == "old"
+    finally:
+        first.shutdown()
+    second = serve.start(dask_client, http_options={"location": "NoServer"})
+    try:
+        second.create_backend("where", from_new_instance, replica_options={"num_cpus": 0.5})
+        second.create_endpoint("where", backend="where")
+        assert second.info()["version"] < 20
+        assert handle.remote().result(timeout=TIMEOUT) == "new"
+    finally:
+        second.shutdown()
+
+
 # -- the dashboard of a cluster daskserve starts listens on loopback -----------------------
 def _dashboard_hosts(dask_scheduler=None) -> list:
     from distributed.comm.utils import get_tcp_server_addresses
