@@ -85,12 +85,17 @@ class ServeClient:
                               config: BackendConfig | Mapping[str, Any]) -> None:
         """Apply a full ``BackendConfig`` or a dict of the fields to change.
 
-        Scaling down drains replicas; a changed ``user_config`` reaches every running
+        Only the fields given travel; the controller merges them into the current
+        config, so concurrent updates of different fields all take effect. Scaling
+        down drains replicas; a changed ``user_config`` reaches every running
         replica's ``reconfigure`` before this returns.
         """
-        new = self.get_backend_config(backend_tag).updated(config)
-        self._change(ControllerOp.UPDATE_BACKEND_CONFIG, tag=backend_tag,
-                     config=new.to_wire())
+        if isinstance(config, BackendConfig):
+            changes, replace = BackendConfig.coerce(config).to_wire(), True
+        else:
+            changes, replace = BackendConfig.changes_to_wire(config), False
+        self._change(ControllerOp.UPDATE_BACKEND_CONFIG, tag=backend_tag, changes=changes,
+                     replace=replace)
 
     def delete_backend(self, backend_tag: str) -> None:
         """Drain and remove a backend; refused while an endpoint routes or shadows to it."""

@@ -18,18 +18,21 @@ from typing import Any, TypedDict
 
 
 class ControllerOp:
-    """Scheduler handlers: the client API and the routers' long-poll."""
+    """Scheduler handlers: the client API and the routers' long-poll.
+
+    Calls that change state answer with the ``TableVersion`` that includes the change.
+    """
 
     LISTEN = "daskserve_listen"                  # router: wait for a newer RoutingTable
     #   (version, listener, epoch): answered at once when ``epoch`` is not the running
     #   controller's, so a router never keeps a table of an instance that is gone.
-    #   Calls that change state answer with a TableVersion.
     INFO = "daskserve_info"
     SHUTDOWN = "daskserve_shutdown"
     CREATE_BACKEND = "daskserve_create_backend"
     LIST_BACKENDS = "daskserve_list_backends"
     GET_BACKEND_CONFIG = "daskserve_get_backend_config"
-    UPDATE_BACKEND_CONFIG = "daskserve_update_backend_config"
+    UPDATE_BACKEND_CONFIG = "daskserve_update_backend_config"  # (tag, changes, replace):
+    #   changes holds only the fields to change, in wire form; replace: all of them
     DELETE_BACKEND = "daskserve_delete_backend"
     CREATE_ENDPOINT = "daskserve_create_endpoint"
     DELETE_ENDPOINT = "daskserve_delete_endpoint"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import defaultdict
 from typing import Any, Callable
 
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -80,6 +81,7 @@ class ServeController(SchedulerPlugin):
         self._shut_down = False
         self._background: set[asyncio.Future] = set()
         self._joining: set[asyncio.Future] = set()
+        self._config_turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # Workers get the worker plugin before they run any task, joining ones too.
         await scheduler.register_worker_plugin(None, dumps(ServeWorkerPlugin()),
                                                name=WORKER_PLUGIN_NAME, idempotent=True)
@@ -209,16 +211,24 @@ class ServeController(SchedulerPlugin):
     async def get_backend_config(self, tag: str) -> dict:
         return self.desired.backend(tag).config
 
-    async def update_backend_config(self, tag: str, config: dict) -> TableVersion:
-        old = self.desired.set_backend_config(tag, config)
-        backend = self.desired.backend(tag)
-        try:
-            await self.replicas.push_config(
-                backend, reconfigure=config["user_config"] != old["user_config"])
-        except Exception:
-            self.desired.set_backend_config(tag, old)
-            raise
-        await self._publish()
+    async def update_backend_config(self, tag: str, changes: dict,
+                                    replace: bool = False) -> TableVersion:
+        """Apply some fields of a backend's config (all of them with ``replace``).
+
+        Updates of one backend take turns until their config reached the replicas, so
+        replicas get configs in the order they were made and a failed one is undone
+        without undoing another's.
+        """
+        async with self._config_turns[tag]:
+            old = self.desired.update_backend_config(tag, changes, replace)
+            backend = self.desired.backend(tag)
+            try:
+                await self.replicas.push_config(
+                    backend, reconfigure=backend.config["user_config"] != old["user_config"])
+            except Exception:
+                self.desired.update_backend_config(tag, old, replace=True)
+                raise
+            await self._publish()
         await self._workers_settled()
         errors = await self.replicas.reconcile(backend)
         if errors:
@@ -227,6 +237,7 @@ class ServeController(SchedulerPlugin):
 
     async def delete_backend(self, tag: str) -> TableVersion:
         self.desired.remove_backend(tag)
+        self._config_turns.pop(tag, None)
         await self.replicas.remove_backend(tag)
         return self.stamp()
 

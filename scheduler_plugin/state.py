@@ -82,9 +82,19 @@ class DesiredState:
         self._changed()
         return spec
 
-    def set_backend_config(self, tag: str, config: dict) -> dict:
-        """Replace a backend's config; returns the previous one."""
+    def update_backend_config(self, tag: str, changes: dict,
+                              replace: bool = False) -> dict:
+        """Merge some fields (wire form) into a backend's config, or with ``replace``
+        swap in a whole one; returns the previous config.
+
+        The merge happens here, in one step, so that concurrent partial updates each
+        keep the fields the others changed; the merged config must pass every
+        ``BackendConfig`` rule, cross-field ones included.
+        """
         spec = self.backend(tag)
+        if not isinstance(changes, dict):
+            raise TypeError("config changes must be a dict in wire form")
+        config = dict(changes) if replace else {**spec.config, **changes}
         BackendConfig.validate_wire(config)
         old, spec.config = spec.config, config
         self._changed()

@@ -285,6 +285,40 @@ def test_handle_of_a_previous_instance_does_not_wait_for_its_versions(dask_clien
         second.shutdown()
 
 
+# -- concurrent partial updates ------------------------------------------------------------
+def test_concurrent_partial_updates_all_land(serve_client):
+    serve_client.create_backend("cfg", Configurable, config={"user_config": "start"},
+                                replica_options={"num_cpus": 0.5})
+    fields = {
+        "batch_wait_timeout": lambda r: r / 1000,
+        "max_concurrent_queries": lambda r: 10 + r,
+        "user_config": lambda r: f"round-{r}",
+    }
+    for round_ in range(20):
+        barrier = threading.Barrier(len(fields))
+
+        def update(field):
+            barrier.wait(timeout=TIMEOUT)
+            serve_client.update_backend_config("cfg", {field: fields[field](round_)})
+
+        with ThreadPoolExecutor(len(fields)) as pool:
+            for done in [pool.submit(update, field) for field in fields]:
+                done.result(timeout=2 * TIMEOUT)
+        config = serve_client.get_backend_config("cfg")
+        assert {f: getattr(config, f) for f in fields} == \
+            {f: value(round_) for f, value in fields.items()}, f"round {round_}"
+    serve_client.create_endpoint("cfg", backend="cfg")
+    assert serve_client.get_handle("cfg").remote().result(timeout=TIMEOUT) == "round-19"
+
+
+def test_full_config_replaces_every_field(serve_client):
+    serve_client.create_backend("cfg", Configurable,
+                                config={"user_config": "a", "max_concurrent_queries": 7},
+                                replica_options={"num_cpus": 0.5})
+    serve_client.update_backend_config("cfg", serve.BackendConfig(user_config="b"))
+    assert serve_client.get_backend_config("cfg") == serve.BackendConfig(user_config="b")
+
+
 # -- the dashboard of a cluster daskserve starts listens on loopback -----------------------
 def _dashboard_hosts(dask_scheduler=None) -> list:
     from distributed.comm.utils import get_tcp_server_addresses
