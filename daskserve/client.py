@@ -14,7 +14,7 @@ import cloudpickle
 from distributed import Client
 
 from .config import BackendConfig, ReplicaOptions, normalize_methods
-from .errors import EndpointNotFoundError
+from .errors import EndpointNotFoundError, ReplicaConfigError
 from .handle import AsyncServeHandle, ServeHandle, register_home
 from .protocol import ControllerOp
 
@@ -88,14 +88,19 @@ class ServeClient:
         Only the fields given travel; the controller merges them into the current
         config, so concurrent updates of different fields all take effect. Scaling
         down drains replicas; a changed ``user_config`` reaches every running
-        replica's ``reconfigure`` before this returns.
+        replica's ``reconfigure`` before this returns. If a ``reconfigure`` raises,
+        the config is left as it was and that exception is raised here, with a note
+        naming the backend and replica.
         """
         if isinstance(config, BackendConfig):
             changes, replace = BackendConfig.coerce(config).to_wire(), True
         else:
             changes, replace = BackendConfig.changes_to_wire(config), False
-        self._change(ControllerOp.UPDATE_BACKEND_CONFIG, tag=backend_tag, changes=changes,
-                     replace=replace)
+        try:
+            self._change(ControllerOp.UPDATE_BACKEND_CONFIG, tag=backend_tag,
+                         changes=changes, replace=replace)
+        except ReplicaConfigError as exc:
+            raise exc.user_error() from None
 
     def delete_backend(self, backend_tag: str) -> None:
         """Drain and remove a backend; refused while an endpoint routes or shadows to it."""

@@ -46,7 +46,7 @@ class WorkerOp:
 
     CALL = "daskserve_call"                # router: run a CallMessage, get a CallReply
     COLLECT = "daskserve_collect"          # router: the rest of a message, by ticket
-    UPDATE = "daskserve_update"            # controller: apply a new BackendConfig
+    UPDATE = "daskserve_update"            # controller: apply a new BackendConfig (UpdateReply)
     DRAIN = "daskserve_drain"              # controller: finish in-flight work, take no more
     LOCATE = "daskserve_locate"            # controller: where a replica answers CALL
     START_PROXY = "daskserve_start_proxy"  # controller: run an EveryNode proxy here
@@ -140,3 +140,17 @@ class CallReply(TypedDict, total=False):
     retry: bool
     lost: bool
     error: Any                   # why the rest was lost (router side only)
+
+
+# -- controller -> replica ------------------------------------------------------------
+class UpdateReply(TypedDict, total=False):
+    """A replica's answer to WorkerOp.UPDATE.
+
+    ``error`` is what applying the config raised (the user's ``reconfigure``, mostly),
+    cloudpickled in the replica's process: the controller passes it on unopened and
+    only the Python client that asked for the update unpickles it.
+    """
+
+    applied: bool                # False: not applied (no such replica here, or error)
+    error: bytes
+    message: str                 # the error as text, for logs and messages

@@ -381,6 +381,18 @@ def test_long_printable_names_and_routes_are_accepted(serve_client, base_url):
     assert reply.status_code == 200 and reply.text == "hello"
 
 
+# -- reconfigure errors keep their type ----------------------------------------------------
+def test_reconfigure_error_reaches_the_caller_with_its_type(serve_client):
+    serve_client.create_backend("cfg", Configurable, config={"user_config": "fine"},
+                                replica_options={"num_cpus": 0.5})
+    with pytest.raises(ReconfigureRefused, match="cannot use 'refuse'") as info:
+        serve_client.update_backend_config("cfg", {"user_config": "refuse"})
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "'cfg'" in notes and "replica 'cfg#" in notes, notes
+    # The refused config was not kept.
+    assert serve_client.get_backend_config("cfg").user_config == "fine"
+
+
 # -- acknowledgements are kept for proxies only --------------------------------------------
 def _ack_ids_beyond_proxies(dask_scheduler=None) -> list:
     controller = dask_scheduler.plugins["daskserve"]
