@@ -25,8 +25,11 @@ def start(dask_client: Client | None = None,
           http_options: Mapping[str, Any] | None = None) -> ServeClient:
     """Install the controller on the cluster's scheduler (idempotent) and connect.
 
-    With no ``dask_client`` a ``LocalCluster`` is started and owned by the returned
-    client: ``shutdown()`` closes it too.
+    If an instance already runs there, this attaches to it; ``http_options`` given
+    here must then match the running instance's (only the options named are
+    compared), since they could not take effect: a ``ValueError`` names those that
+    differ. With no ``dask_client`` a ``LocalCluster`` is started and owned by the
+    returned client: ``shutdown()`` closes it too.
     """
     from scheduler_plugin import PLUGIN_NAME, ServeController
 
@@ -36,7 +39,24 @@ def start(dask_client: Client | None = None,
         dask_client = Client(LocalCluster(processes=True, threads_per_worker=1,
                                           dashboard_address=DASHBOARD_ADDRESS))
     dask_client.register_plugin(ServeController(options.to_dict()), name=PLUGIN_NAME)
-    return _set_current(ServeClient(dask_client, owns_cluster=owns_cluster))
+    client = ServeClient(dask_client, owns_cluster=owns_cluster)
+    if http_options is not None:
+        _check_http_options(http_options, options, client.info()["http_options"])
+    return _set_current(client)
+
+
+def _check_http_options(asked: Mapping[str, Any] | HTTPOptions, options: HTTPOptions,
+                        running: Mapping[str, Any]) -> None:
+    wanted = options.to_dict()
+    named = wanted if isinstance(asked, HTTPOptions) else {k: wanted[k] for k in asked}
+    differ = [f"{name}={value!r} (running: {running.get(name)!r})"
+              for name, value in named.items() if running.get(name) != value]
+    if differ:
+        raise ValueError(
+            f"a daskserve instance already runs on this scheduler with other "
+            f"http_options: {', '.join(differ)}; shut it down first to change them, or "
+            f"attach with serve.connect(client) or serve.start(client) without "
+            f"http_options")
 
 
 def connect(dask_client: Client | None = None) -> ServeClient:

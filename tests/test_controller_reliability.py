@@ -351,6 +351,23 @@ def test_cli_cluster_dashboard_listens_on_loopback():
     assert _all_loopback(hosts), hosts
 
 
+# -- a second start with other http_options ------------------------------------------------
+def test_second_start_with_other_http_options_is_refused(dask_client, http_port):
+    client = serve.start(dask_client, http_options={"port": http_port})
+    try:
+        other = free_port()
+        with pytest.raises(ValueError, match=f"port.*{other}") as info:
+            serve.start(dask_client, http_options={"port": other, "location": "HeadOnly"})
+        assert "location" not in str(info.value)  # only what differs is named
+        with pytest.raises(ValueError, match="location"):
+            serve.start(dask_client, http_options={"location": "EveryNode"})
+        # The same options, or none, attach to the running instance.
+        assert serve.start(dask_client, http_options={"port": http_port}).info() == client.info()
+        assert serve.start(dask_client).info() == client.info()
+    finally:
+        client.shutdown()
+
+
 # -- names and routes ----------------------------------------------------------------------
 BAD_NAMES = ["nul\x00name", "a/b", "x" * 100_000, "tab\tname", "line\nbreak"]
 
