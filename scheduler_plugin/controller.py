@@ -104,7 +104,8 @@ class ServeController(SchedulerPlugin):
             await asyncio.gather(*self._joining, return_exceptions=True)
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        self.proxies.lose_worker(worker)
+        for host in self.proxies.lose_worker(worker):
+            self._spawn(self.proxies.rehome(host))
         if self.replicas.lose_worker(worker):
             self._spawn(self._publish_and_reconcile())
 

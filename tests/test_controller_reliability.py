@@ -319,6 +319,62 @@ def test_full_config_replaces_every_field(serve_client):
     assert serve_client.get_backend_config("cfg") == serve.BackendConfig(user_config="b")
 
 
+# -- a lost proxy worker's host gets its proxy back ----------------------------------------
+def _serves_proxy(dask_worker=None) -> bool:
+    return dask_worker.plugins["daskserve-worker"].proxy is not None
+
+
+@pytest.mark.slow
+def test_every_node_proxy_moves_to_another_worker_of_its_host(tmp_path):
+    """Three worker processes on 127.0.0.1 share one EveryNode proxy. Its worker is
+    killed. The workers run without nannies, so nothing restarts it and no worker
+    joins: HTTP on the port can only answer again if the controller moved the proxy
+    to one of the two surviving workers."""
+    port = free_port()
+    processes, logs = [], []
+    with LocalCluster(n_workers=0, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as dask_client:
+        client = None
+        try:
+            for i in range(3):
+                proc, log = _spawn(_worker_args(cluster.scheduler_address, "--no-nanny"),
+                                   tmp_path / f"worker-{i}.log", WORKER_ENV)
+                processes.append(proc)
+                logs.append(log)
+            dask_client.wait_for_workers(3, timeout=60)
+            client = serve.start(dask_client, http_options={"port": port,
+                                                            "location": "EveryNode"})
+            client.create_backend("hello", hello, replica_options={"num_cpus": 0.5})
+            client.create_endpoint("hello", backend="hello", route="/hello")
+            url = f"http://127.0.0.1:{port}/hello"
+            assert requests.get(url, timeout=TIMEOUT).text == "hello"
+
+            before = set(dask_client.scheduler_info()["workers"])
+            [proxy_worker] = [a for a, on in dask_client.run(_serves_proxy).items() if on]
+            pid = dask_client.run(os.getpid, workers=[proxy_worker])[proxy_worker]
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: proxy_worker not in dask_client.scheduler_info()["workers"],
+                       timeout=TIMEOUT, what="the scheduler to lose the proxy's worker")
+
+            def answers():
+                try:
+                    return requests.get(url, timeout=TIMEOUT).text == "hello"
+                except requests.ConnectionError:
+                    return False
+
+            wait_until(answers, timeout=TIMEOUT, what="HTTP on the port again")
+            survivors = set(dask_client.scheduler_info()["workers"])
+            assert survivors == before - {proxy_worker}  # no worker joined
+            assert sum(dask_client.run(_serves_proxy).values()) == 1
+        finally:
+            if client is not None:
+                client.shutdown()
+            for proc in processes:
+                _stop(proc)
+            for log in logs:
+                log.close()
+
+
 # -- the dashboard of a cluster daskserve starts listens on loopback -----------------------
 def _dashboard_hosts(dask_scheduler=None) -> list:
     from distributed.comm.utils import get_tcp_server_addresses
