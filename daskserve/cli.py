@@ -104,10 +104,14 @@ def start(address: str | None, host: str, port: int, location: str) -> None:
                                                     "location": location})
     click.echo(json.dumps(client.info(), indent=2, default=str))
     if address is None:
-        click.echo(f"local scheduler: {dask_client.scheduler.address}; Ctrl-C stops it")
+        click.echo(f"local scheduler: {dask_client.scheduler.address}; Ctrl-C or SIGTERM "
+                   f"stops it once the requests in progress are answered")
         _wait(stop, None)
-        client.shutdown()
-    dask_client.close()
+        client.shutdown()  # drains: proxies finish their requests before closing
+        dask_client.close()
+        dask_client.cluster.close()
+    else:
+        dask_client.close()
 
 
 def _connect(address: str) -> Any:

@@ -78,7 +78,8 @@ class ServeController(SchedulerPlugin):
         self._changed = asyncio.Event()
         self._acked = asyncio.Event()
         self._acks: dict[str, int] = {}
-        self._shut_down = False
+        self._shut_down = False  # routers have been told the instance is gone
+        self._teardown_task: asyncio.Future | None = None
         self._background: set[asyncio.Future] = set()
         self._joining: set[asyncio.Future] = set()
         self._config_turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -279,15 +280,22 @@ class ServeController(SchedulerPlugin):
             self.scheduler.remove_plugin(PLUGIN_NAME)
 
     async def _teardown(self) -> None:
-        if self._shut_down:
-            return
-        self._shut_down = True
-        self._changed.set()  # routers learn of the shutdown and stop polling
+        """Shut down once, however many callers (a client's ``shutdown``, the
+        scheduler closing) ask; each returns when it is done."""
+        if self._teardown_task is None:
+            self._teardown_task = asyncio.ensure_future(self._stop_serving())
+        await asyncio.shield(self._teardown_task)
+
+    async def _stop_serving(self) -> None:
+        """Stop without dropping work already accepted: proxies stop accepting and
+        finish their requests, replicas drain, and only then are routers told that
+        the instance is gone (a router that knows fails what it still holds)."""
         await self.proxies.stop()
         tags = list(self.desired.backends)
         self.desired.clear()
-        for tag in tags:
-            await self.replicas.remove_backend(tag)
+        await asyncio.gather(*(self.replicas.remove_backend(tag) for tag in tags))
+        self._shut_down = True
+        self._changed.set()  # routers learn of the shutdown and stop polling
         for task in list(self._background):
             task.cancel()
         await self.replicas.close()

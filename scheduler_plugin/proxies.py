@@ -8,6 +8,7 @@ every proxy routes by the change.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -93,10 +94,13 @@ class ProxyFleet:
         if self.head is not None:
             await self.head.stop()
             self.head = None
-        for address in self.on_hosts.values():
-            try:
-                await self._on_worker(address, WorkerOp.STOP_PROXY)()
-            except Exception as exc:  # a worker that is going away anyway
-                logger.info("stopping the proxy on %s: %r", address, exc)
+        await asyncio.gather(*(self._stop_on(address) for address in self.on_hosts.values()))
         self.on_hosts.clear()
         self.listener_ids.clear()
+
+    async def _stop_on(self, address: str) -> None:
+        """Stop a worker's proxy; it drains its requests first (``Proxy.stop``)."""
+        try:
+            await self._on_worker(address, WorkerOp.STOP_PROXY)()
+        except Exception as exc:  # a worker that is going away anyway
+            logger.info("stopping the proxy on %s: %r", address, exc)

@@ -157,6 +157,98 @@ def _hold_and_release(dask_client: Client, url: str, gate: str, stop, port: int)
         return [reply.result(timeout=3 * TIMEOUT) for reply in replies]
 
 
+# -- shutdown finishes in-flight HTTP requests ---------------------------------------------
+def test_shutdown_finishes_in_flight_http_requests(dask_client, http_port):
+    client = serve.start(dask_client, http_options={"port": http_port})
+    gate = uuid.uuid4().hex
+    stopper = ThreadPoolExecutor(1)
+    stopping = None
+    try:
+        client.create_backend("gated", Gated, gate)
+        client.create_endpoint("gated", backend="gated", route="/gated")
+
+        def stop():
+            nonlocal stopping
+            stopping = stopper.submit(client.shutdown)
+
+        outcomes = _hold_and_release(dask_client, f"http://127.0.0.1:{http_port}/gated",
+                                     gate, stop, http_port)
+        stopping.result(timeout=3 * TIMEOUT)
+    finally:
+        if stopping is None:
+            client.shutdown()
+        stopper.shutdown()
+    assert outcomes == [(200, "released")] * IN_FLIGHT
+
+
+@pytest.mark.slow
+def test_sigterm_of_cli_start_finishes_in_flight_http_requests(tmp_path):
+    port = free_port()
+    cli, log = _spawn([sys.executable, "-m", "daskserve.cli", "start", "--port", str(port)],
+                      tmp_path / "cli.log", env=WORKER_ENV)
+    dask_client = None
+    try:
+        def scheduler_address():
+            text = (tmp_path / "cli.log").read_text()
+            if cli.poll() is not None:
+                raise AssertionError(f"daskserve start exited:\n{text[-3000:]}")
+            for line in text.splitlines():
+                if line.startswith("local scheduler: "):
+                    return line.split()[2].rstrip(";")
+            return None
+
+        address = wait_until(scheduler_address, timeout=90, what="daskserve start")
+        dask_client = Client(address, timeout=TIMEOUT, set_as_default=False)
+        client = serve.connect(dask_client)
+        gate = uuid.uuid4().hex
+        client.create_backend("gated", Gated, gate)
+        client.create_endpoint("gated", backend="gated", route="/gated")
+
+        outcomes = _hold_and_release(dask_client, f"http://127.0.0.1:{port}/gated", gate,
+                                     lambda: cli.send_signal(signal.SIGTERM), port)
+        assert outcomes == [(200, "released")] * IN_FLIGHT
+        assert cli.wait(timeout=3 * TIMEOUT) == 0
+    finally:
+        if dask_client is not None:
+            dask_client.close(timeout=10)
+        _stop(cli)
+        log.close()
+
+
+@pytest.mark.slow
+def test_sigterm_of_preloaded_scheduler_finishes_in_flight_http_requests(tmp_path):
+    port, http_port = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    processes, logs = [], []
+    dask_client = None
+    try:
+        scheduler, log = _spawn(_scheduler_args(port, "--serve-http-port", str(http_port)),
+                                tmp_path / "scheduler.log")
+        processes.append(scheduler)
+        logs.append(log)
+        worker, log = _spawn(_worker_args(address), tmp_path / "worker.log", env=WORKER_ENV)
+        processes.append(worker)
+        logs.append(log)
+        dask_client = Client(address, timeout=60, set_as_default=False)
+        dask_client.wait_for_workers(1, timeout=60)
+        client = serve.connect(dask_client)
+        gate = uuid.uuid4().hex
+        client.create_backend("gated", Gated, gate)
+        client.create_endpoint("gated", backend="gated", route="/gated")
+
+        outcomes = _hold_and_release(dask_client, f"http://127.0.0.1:{http_port}/gated", gate,
+                                     lambda: scheduler.send_signal(signal.SIGTERM), http_port)
+        assert outcomes == [(200, "released")] * IN_FLIGHT
+        scheduler.wait(timeout=3 * TIMEOUT)
+    finally:
+        if dask_client is not None:
+            dask_client.close(timeout=10)
+        for proc in reversed(processes):
+            _stop(proc)
+        for log in logs:
+            log.close()
+
+
 # -- a restarted scheduler's routing tables replace the old instance's ---------------------
 DRIVER = r"""
 import json, sys
