@@ -319,7 +319,9 @@ def test_router_replaces_its_table_when_the_scheduler_restarts(tmp_path):
         old_version = first["version"]
 
         driver.send_signal(signal.SIGSTOP)
-        for proc in (worker, scheduler):
+        # The scheduler goes first: had it seen its worker go, it would have sent the
+        # driver one more table, and its version would differ from the new instance's.
+        for proc in (scheduler, worker):
             proc.kill()
             proc.wait(timeout=TIMEOUT)
         start("scheduler-2", args)
