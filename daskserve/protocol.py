@@ -104,8 +104,8 @@ class TableVersion(TypedDict):
 class RoutingTable(TypedDict, total=False):
     """Everything a router needs, replaced whole on every change.
 
-    A table with ``shutdown`` set carries only its version: the instance is gone and
-    routers stop polling.
+    A table with ``shutdown`` set carries only its epoch and version: the instance is
+    gone and routers stop polling.
     """
 
     epoch: str                   # see TableVersion

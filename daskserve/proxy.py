@@ -132,7 +132,7 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
             await server.close_all_connections()
         self.router.close()
 
-    def request_done(self) -> None:
+    def _request_done(self) -> None:
         self.in_flight -= 1
         if not self.in_flight and self._idle is not None:
             self._idle.set()
@@ -436,7 +436,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
                              self.start_line.path)
             self.write(error_response(500, type(exc).__name__, str(exc)))
         finally:
-            self.proxy.request_done()
+            self.proxy._request_done()
 
     def on_connection_close(self) -> None:
         self._chunks = []

@@ -217,9 +217,9 @@ class ServeController(SchedulerPlugin):
                                     replace: bool = False) -> TableVersion:
         """Apply some fields of a backend's config (all of them with ``replace``).
 
-        Updates of one backend take turns until their config reached the replicas, so
-        replicas get configs in the order they were made and a failed one is undone
-        without undoing another's.
+        Updates of one backend take turns, each until its config has reached the
+        replicas, so replicas get configs in the order they were made and a failed one
+        is undone without undoing another's.
         """
         async with self._config_turns[tag]:
             old = self.desired.update_backend_config(tag, changes, replace)

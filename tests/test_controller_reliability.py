@@ -1,7 +1,7 @@
 """The controller under stress: shutdown with requests in flight, scheduler restarts,
 concurrent updates, lost proxy workers, and inputs it must refuse.
 
-Each test here reproduces a defect found on an earlier version and guards its fix.
+Most tests here reproduce a defect of an earlier version and guard its fix.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
