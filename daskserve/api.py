@@ -16,16 +16,25 @@ from .context import current_replica
 
 _current: ServeClient | None = None
 
+# A cluster daskserve starts serves its Dask dashboard on loopback only, like the
+# proxy: the dashboard shows task code and logs and can start profilers, so it must
+# not face the network unless its owner asks (with a cluster of their own).
+DASHBOARD_ADDRESS = "127.0.0.1:0"
+
 
 def start(dask_client: Client | None = None,
           http_options: Mapping[str, Any] | None = None,
           checkpoint_path: str | os.PathLike | None = None) -> ServeClient:
     """Install the controller on the cluster's scheduler (idempotent) and connect.
 
-    With no ``dask_client`` a ``LocalCluster`` is started and owned by the returned
-    client: ``shutdown()`` closes it too. ``checkpoint_path`` is a file on the
-    scheduler's host (relative paths are taken from the scheduler's working
-    directory); if it holds a checkpoint, the instance serves that state at once.
+    If an instance already runs there, this attaches to it; ``http_options`` given
+    here must then match the running instance's (only the options named are
+    compared), since they could not take effect: a ``ValueError`` names those that
+    differ; so must ``checkpoint_path``. With no ``dask_client`` a ``LocalCluster`` is
+    started and owned by the returned client: ``shutdown()`` closes it too.
+    ``checkpoint_path`` is a file on the scheduler's host (relative paths are taken
+    from the scheduler's working directory); if it holds a checkpoint, the instance
+    serves that state at once.
     """
     from scheduler_plugin import PLUGIN_NAME, ServeController
 
@@ -35,10 +44,12 @@ def start(dask_client: Client | None = None,
     owns_cluster = dask_client is None
     if dask_client is None:
         dask_client = Client(LocalCluster(processes=True, threads_per_worker=1,
-                                          dashboard_address=":0"))
+                                          dashboard_address=DASHBOARD_ADDRESS))
     dask_client.register_plugin(ServeController(options.to_dict(), checkpoint_path),
                                 name=PLUGIN_NAME)
     client = ServeClient(dask_client, owns_cluster=owns_cluster)
+    if http_options is not None:
+        _check_http_options(http_options, options, client.info()["http_options"])
     if checkpoint_path is not None:
         _check_same_checkpoint(client, checkpoint_path)
     return _set_current(client)
@@ -57,6 +68,20 @@ def _check_same_checkpoint(client: ServeClient, requested: str) -> None:
             f"the daskserve instance on scheduler {client.scheduler_address} already runs "
             f"{where}, not checkpoint_path {wanted!r}; use serve.connect, or shut it "
             f"down and start it again with the path you want")
+
+
+def _check_http_options(asked: Mapping[str, Any] | HTTPOptions, options: HTTPOptions,
+                        running: Mapping[str, Any]) -> None:
+    wanted = options.to_dict()
+    named = wanted if isinstance(asked, HTTPOptions) else {k: wanted[k] for k in asked}
+    differ = [f"{name}={value!r} (running: {running.get(name)!r})"
+              for name, value in named.items() if running.get(name) != value]
+    if differ:
+        raise ValueError(
+            f"a daskserve instance already runs on this scheduler with other "
+            f"http_options: {', '.join(differ)}; shut it down first to change them, or "
+            f"attach with serve.connect(client) or serve.start(client) without "
+            f"http_options")
 
 
 def connect(dask_client: Client | None = None) -> ServeClient:

@@ -18,10 +18,12 @@ def main() -> None:
 def _local_client(workers: int, threads: int) -> Any:
     from distributed import Client, LocalCluster
 
+    from .api import DASHBOARD_ADDRESS
+
     # uvloop reaches Nanny-spawned workers through the Dask config.
     with dask.config.set({"distributed.admin.event-loop": _event_loop()}):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads,
-                               processes=True, dashboard_address=":0")
+                               processes=True, dashboard_address=DASHBOARD_ADDRESS)
         return Client(cluster)
 
 
@@ -198,13 +200,16 @@ def start(address: str | None, host: str, port: int, location: str,
                          checkpoint_path=checkpoint_path)
     click.echo(json.dumps(client.info(), indent=2, default=str))
     if address is None:
-        click.echo(f"local scheduler: {dask_client.scheduler.address}; Ctrl-C stops it")
+        click.echo(f"local scheduler: {dask_client.scheduler.address}; Ctrl-C or SIGTERM "
+                   f"stops it once the requests in progress are answered")
         _wait(stop, None)
         if checkpoint_path is None:
-            client.shutdown()  # with a checkpoint, the next start serves this state again
-    dask_client.close()
-    if address is None and dask_client.cluster is not None:
+            client.shutdown()  # drains: proxies finish their requests before closing
+        # With a checkpoint the state stays stored; closing the scheduler still drains.
+        dask_client.close()
         dask_client.cluster.close()
+    else:
+        dask_client.close()
 
 
 def _connect(address: str) -> Any:

@@ -14,7 +14,7 @@ import cloudpickle
 from distributed import Client
 
 from .config import BackendConfig, ReplicaOptions, normalize_methods
-from .errors import EndpointNotFoundError
+from .errors import EndpointNotFoundError, ReplicaConfigError
 from .handle import AsyncServeHandle, ServeHandle, register_home
 from .protocol import ControllerOp
 
@@ -29,19 +29,24 @@ class ServeClient:
         self.dask_client = dask_client
         self.scheduler_address: str = dask_client.scheduler.address
         self._owns_cluster = owns_cluster
-        self._version = 0  # newest routing table our own changes produced
         register_home(self.scheduler_address, dask_client.rpc, dask_client.loop.asyncio_loop)
-        if self._call(ControllerOp.INFO) is None:
+        info = self._call(ControllerOp.INFO)
+        if info is None:
             raise RuntimeError(f"no daskserve instance runs on the scheduler at "
                                f"{self.scheduler_address}; call serve.start(dask_client)")
+        # The newest routing table our own changes produced (protocol.TableVersion).
+        self._epoch: str = info["epoch"]
+        self._version = 0
 
     def _call(self, op: str, **kwargs: Any) -> Any:
         return self.dask_client.sync(getattr(self.dask_client.scheduler, op), **kwargs)
 
     def _change(self, op: str, **kwargs: Any) -> None:
-        version = self._call(op, **kwargs)
-        if isinstance(version, int):
-            self._version = max(self._version, version)
+        stamp = self._call(op, **kwargs)
+        if stamp["epoch"] != self._epoch:  # the scheduler restarted since we connected
+            self._epoch, self._version = stamp["epoch"], stamp["version"]
+        else:
+            self._version = max(self._version, stamp["version"])
 
     # -- backends ---------------------------------------------------------------
     def create_backend(self, backend_tag: str, func_or_class: Callable | type | str,
@@ -80,12 +85,22 @@ class ServeClient:
                               config: BackendConfig | Mapping[str, Any]) -> None:
         """Apply a full ``BackendConfig`` or a dict of the fields to change.
 
-        Scaling down drains replicas; a changed ``user_config`` reaches every running
-        replica's ``reconfigure`` before this returns.
+        Only the fields given travel; the controller merges them into the current
+        config, so concurrent updates of different fields all take effect. Scaling
+        down drains replicas; a changed ``user_config`` reaches every running
+        replica's ``reconfigure`` before this returns. If a ``reconfigure`` raises,
+        the config is left as it was and that exception is raised here, with a note
+        naming the backend and replica.
         """
-        new = self.get_backend_config(backend_tag).updated(config)
-        self._change(ControllerOp.UPDATE_BACKEND_CONFIG, tag=backend_tag,
-                     config=new.to_wire())
+        if isinstance(config, BackendConfig):
+            changes, replace = BackendConfig.coerce(config).to_wire(), True
+        else:
+            changes, replace = BackendConfig.changes_to_wire(config), False
+        try:
+            self._change(ControllerOp.UPDATE_BACKEND_CONFIG, tag=backend_tag,
+                         changes=changes, replace=replace)
+        except ReplicaConfigError as exc:
+            raise exc.user_error() from None
 
     def delete_backend(self, backend_tag: str) -> None:
         """Drain and remove a backend; refused while an endpoint routes or shadows to it."""
@@ -133,7 +148,8 @@ class ServeClient:
         if endpoint_name not in self.list_endpoints():
             raise EndpointNotFoundError(f"endpoint {endpoint_name!r} does not exist")
         cls = ServeHandle if sync else AsyncServeHandle
-        return cls(self.scheduler_address, endpoint_name, min_version=self._version)
+        return cls(self.scheduler_address, endpoint_name, min_version=self._version,
+                   epoch=self._epoch)
 
     def info(self) -> dict[str, Any]:
         """Proxy URLs, HTTP options and worker resources as the controller sees them."""

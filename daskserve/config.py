@@ -49,8 +49,9 @@ def _reject_unknown(kind: str, given: Mapping[str, Any], known: set[str]) -> Non
 class BackendConfig:
     """How a backend's replicas behave: count, batching, concurrency, user config.
 
-    Validation happens in ``__post_init__`` and again on every ``update`` so a
-    partially updated config can never hold an invalid combination.
+    Validation happens in ``__post_init__``, which the controller also runs on the
+    result of every partial update it merges, so a partially updated config can
+    never hold an invalid combination.
     """
 
     num_replicas: int = 1
@@ -90,17 +91,6 @@ class BackendConfig:
             f"config must be a BackendConfig or a dict, got {type(value).__name__}"
         )
 
-    def updated(self, changes: "BackendConfig | Mapping[str, Any]") -> "BackendConfig":
-        """A new config with ``changes`` applied; a full ``BackendConfig`` replaces all."""
-        if isinstance(changes, BackendConfig):
-            return BackendConfig.coerce(changes)
-        if not isinstance(changes, Mapping):
-            raise TypeError(
-                f"config must be a BackendConfig or a dict, got {type(changes).__name__}"
-            )
-        _reject_unknown("BackendConfig", changes, {f.name for f in fields(self)})
-        return BackendConfig(**{**asdict(self), **changes})
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -110,6 +100,20 @@ class BackendConfig:
         and clients — never by the controller."""
         wire = asdict(self)
         wire["user_config"] = cloudpickle.dumps(self.user_config)
+        return wire
+
+    @classmethod
+    def changes_to_wire(cls, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Some fields in wire form, for the controller to merge into the current
+        config; it checks the merged result, since only it sees the current one."""
+        if not isinstance(changes, Mapping):
+            raise TypeError(
+                f"config must be a BackendConfig or a dict, got {type(changes).__name__}"
+            )
+        _reject_unknown("BackendConfig", changes, {f.name for f in fields(cls)})
+        wire = dict(changes)
+        if "user_config" in wire:
+            wire["user_config"] = cloudpickle.dumps(wire["user_config"])
         return wire
 
     @classmethod

@@ -1,6 +1,8 @@
 """Exceptions that cross the API boundary with a name users can catch."""
 from __future__ import annotations
 
+import cloudpickle
+
 
 class ServeError(RuntimeError):
     """Base class for failures that come from daskserve rather than user code."""
@@ -13,6 +15,39 @@ class ReplicaUnavailableError(ServeError):
         super().__init__(f"replica {replica!r} of backend {backend!r} failed: {reason}")
         self.backend = backend
         self.replica = replica
+
+
+class ReplicaConfigError(ServeError):
+    """A replica could not apply a new config: its ``reconfigure`` raised.
+
+    The controller raises it and never unpickles user data, so it carries the user's
+    exception pickled; the Python client raises that exception instead (see
+    ``user_error``), so callers catch the type their own code raises.
+    """
+
+    MAX_MESSAGE = 2000  # Dask replaces errors with long messages by a generic type
+
+    def __init__(self, backend: str, replica: str, message: str, error: bytes | None = None):
+        if len(message) > self.MAX_MESSAGE:
+            message = message[:self.MAX_MESSAGE] + "..."
+        super().__init__(f"replica {replica!r} of backend {backend!r} could not apply "
+                         f"the new config: {message}")
+        self.backend = backend
+        self.replica = replica
+        self.message = message
+        self.error = error
+
+    def __reduce__(self):
+        return type(self), (self.backend, self.replica, self.message, self.error)
+
+    def user_error(self) -> BaseException:
+        """The exception the replica raised, or this error if it cannot be rebuilt here."""
+        if self.error is None:
+            return self
+        try:
+            return cloudpickle.loads(self.error)
+        except Exception:
+            return self
 
 
 class EndpointNotFoundError(ServeError, KeyError, ValueError):

@@ -57,36 +57,47 @@ def _router_for(scheduler_address: str) -> tuple[Router, asyncio.AbstractEventLo
 
 
 class _HandleBase:
+    """``min_version`` and ``epoch`` name the newest routing table the creator's own
+    changes produced (see ``protocol.TableVersion``): the first call waits until the
+    router has it, so an endpoint created just before is found. A handle that outlives
+    its controller instance (a restarted scheduler, a new ``serve.start``) waits for
+    no version of the old one: that version may never come in the new one.
+    """
+
     def __init__(self, scheduler_address: str, endpoint: str, *, method_name: str = "__call__",
-                 shard_key: Any = None, min_version: int = -1):
+                 shard_key: Any = None, min_version: int = -1, epoch: str | None = None):
         self.scheduler_address = scheduler_address
         self.endpoint_name = endpoint
         self.method_name = method_name
         self.shard_key = shard_key
         self.min_version = min_version
+        self.epoch = epoch
 
     def options(self, *, method_name: str | None = None, shard_key: Any = None):
         """A copy of this handle calling another method and/or with a shard key."""
         return type(self)(self.scheduler_address, self.endpoint_name,
                           method_name=method_name or self.method_name,
                           shard_key=self.shard_key if shard_key is None else shard_key,
-                          min_version=self.min_version)
+                          min_version=self.min_version, epoch=self.epoch)
 
     def __reduce__(self):
         return (_rebuild, (type(self), self.scheduler_address, self.endpoint_name,
-                           self.method_name, self.shard_key, self.min_version))
+                           self.method_name, self.shard_key, self.min_version, self.epoch))
 
-    def _call(self, router: Router, args: tuple, kwargs: dict):
-        return router.call(self.endpoint_name, self.method_name, args, kwargs,
-                           self.shard_key, self.min_version)
+    async def _call(self, router: Router, args: tuple, kwargs: dict) -> Any:
+        if router.version < self.min_version or \
+                (self.epoch is not None and router.epoch != self.epoch):
+            await router.wait_for_version(self.min_version, self.epoch)
+        return await router.call(self.endpoint_name, self.method_name, args, kwargs,
+                                 self.shard_key)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(endpoint={self.endpoint_name!r})"
 
 
-def _rebuild(cls, address, endpoint, method_name, shard_key, min_version):
+def _rebuild(cls, address, endpoint, method_name, shard_key, min_version, epoch=None):
     return cls(address, endpoint, method_name=method_name, shard_key=shard_key,
-               min_version=min_version)
+               min_version=min_version, epoch=epoch)
 
 
 class ServeHandle(_HandleBase):

@@ -18,15 +18,21 @@ from typing import Any, TypedDict
 
 
 class ControllerOp:
-    """Scheduler handlers: the client API and the routers' long-poll."""
+    """Scheduler handlers: the client API and the routers' long-poll.
+
+    Calls that change state answer with the ``TableVersion`` that includes the change.
+    """
 
     LISTEN = "daskserve_listen"                  # router: wait for a newer RoutingTable
+    #   (version, listener, epoch): answered at once when ``epoch`` is not the running
+    #   controller's, so a router never keeps a table of an instance that is gone.
     INFO = "daskserve_info"
     SHUTDOWN = "daskserve_shutdown"
     CREATE_BACKEND = "daskserve_create_backend"
     LIST_BACKENDS = "daskserve_list_backends"
     GET_BACKEND_CONFIG = "daskserve_get_backend_config"
-    UPDATE_BACKEND_CONFIG = "daskserve_update_backend_config"
+    UPDATE_BACKEND_CONFIG = "daskserve_update_backend_config"  # (tag, changes, replace):
+    #   changes holds only the fields to change, in wire form; replace: all of them
     DELETE_BACKEND = "daskserve_delete_backend"
     CREATE_ENDPOINT = "daskserve_create_endpoint"
     DELETE_ENDPOINT = "daskserve_delete_endpoint"
@@ -40,7 +46,7 @@ class WorkerOp:
 
     CALL = "daskserve_call"                # router: run a CallMessage, get a CallReply
     COLLECT = "daskserve_collect"          # router: the rest of a message, by ticket
-    UPDATE = "daskserve_update"            # controller: apply a new BackendConfig
+    UPDATE = "daskserve_update"            # controller: apply a new BackendConfig (UpdateReply)
     DRAIN = "daskserve_drain"              # controller: finish in-flight work, take no more
     LOCATE = "daskserve_locate"            # controller: where a replica answers CALL
     START_PROXY = "daskserve_start_proxy"  # controller: run an EveryNode proxy here
@@ -83,13 +89,26 @@ class BackendRoute(TypedDict):
     replicas: list[ReplicaRoute]  # running replicas only
 
 
+class TableVersion(TypedDict):
+    """Names one routing table: which controller instance made it, and when.
+
+    ``version`` counts from 0 in every controller instance (a restarted scheduler
+    starts a new one), so versions compare only within one ``epoch``: a random id
+    each instance makes when it starts.
+    """
+
+    epoch: str
+    version: int
+
+
 class RoutingTable(TypedDict, total=False):
     """Everything a router needs, replaced whole on every change.
 
-    A table with ``shutdown`` set carries nothing else: the instance is gone and
-    routers stop polling.
+    A table with ``shutdown`` set carries only its epoch and version: the instance is
+    gone and routers stop polling.
     """
 
+    epoch: str                   # see TableVersion
     version: int
     endpoints: dict[str, EndpointRoute]
     backends: dict[str, BackendRoute]
@@ -121,3 +140,17 @@ class CallReply(TypedDict, total=False):
     retry: bool
     lost: bool
     error: Any                   # why the rest was lost (router side only)
+
+
+# -- controller -> replica ------------------------------------------------------------
+class UpdateReply(TypedDict, total=False):
+    """A replica's answer to WorkerOp.UPDATE.
+
+    ``error`` is what applying the config raised (the user's ``reconfigure``, mostly),
+    cloudpickled in the replica's process: the controller passes it on unopened and
+    only the Python client that asked for the update unpickles it.
+    """
+
+    applied: bool                # False: not applied (no such replica here, or error)
+    error: bytes
+    message: str                 # the error as text, for logs and messages

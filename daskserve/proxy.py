@@ -17,6 +17,7 @@ grow too large (see ``HTTPOptions``).
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -46,6 +47,7 @@ from .tasks import spawn
 logger = logging.getLogger(__name__)
 
 SHARD_KEY_HEADER = "X-SERVE-SHARD-KEY"
+DRAIN_TIMEOUT_S = 30.0
 
 
 class Proxy(httputil.HTTPServerConnectionDelegate):
@@ -57,6 +59,8 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
         self._server: _Server | None = None
         self._keep_alive_params: Any = None
         self.port: int | None = None
+        self.in_flight = 0  # requests read whole and not yet answered
+        self._idle: asyncio.Event | None = None
 
     async def start(self) -> None:
         try:
@@ -94,12 +98,44 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
         logger.info("daskserve HTTP proxy listening on http://%s:%d",
                     self.options.host, self.port)
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            await self._server.close_all_connections()
-            self._server = None
+    async def stop(self, drain_timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Stop listening, let the requests in progress finish (for up to
+        ``drain_timeout`` seconds), then close every connection.
+
+        Closing first would reset requests the proxy already accepted while their
+        backends were still answering them. While it drains, keep-alive is off: each
+        answer closes its connection, so clients take their next request elsewhere.
+        The router stays up until the end, since the requests in progress need it.
+        """
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+            for params in (server.conn_params, self._keep_alive_params):
+                params.no_keep_alive = True  # read by Tornado as each request arrives
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain_timeout
+            while self.in_flight and loop.time() < deadline:
+                self._idle = asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._idle.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    pass
+            if self.in_flight:
+                logger.warning("daskserve HTTP proxy closes with %d request(s) still in "
+                               "progress after %ss", self.in_flight, drain_timeout)
+            # Answers are written to the streams; let them reach their clients before
+            # the sockets close. An empty write completes once all before it have.
+            flushes = [conn.stream.write(b"") for conn in server._connections
+                       if not conn.stream.closed()]
+            if flushes:
+                await asyncio.wait(flushes, timeout=max(0.0, deadline - loop.time()))
+            await server.close_all_connections()
         self.router.close()
+
+    def _request_done(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight and self._idle is not None:
+            self._idle.set()
 
     def start_request(self, server_conn: Any,
                       request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
@@ -389,6 +425,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
 
     def finish(self) -> None:
         if not self._rejected:
+            self.proxy.in_flight += 1  # counted from here, so Proxy.stop waits for it
             spawn(self._respond())
 
     async def _respond(self) -> None:
@@ -398,6 +435,8 @@ class _Exchange(httputil.HTTPMessageDelegate):
             logger.exception("proxy failed on %s %s", self.start_line.method,
                              self.start_line.path)
             self.write(error_response(500, type(exc).__name__, str(exc)))
+        finally:
+            self.proxy._request_done()
 
     def on_connection_close(self) -> None:
         self._chunks = []

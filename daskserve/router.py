@@ -256,6 +256,7 @@ class Router:
     """Routes queries for one serve instance from one event loop."""
 
     _ids = itertools.count()
+    epoch: str | None = None  # of the controller instance whose table this is
 
     def __init__(self, pool: ConnectionPool, scheduler_address: str,
                  listener_id: str | None = None):
@@ -280,7 +281,8 @@ class Router:
         listen = getattr(self._pool(self.scheduler_address), ControllerOp.LISTEN)
         while not self.closed:
             try:
-                table = await listen(version=self.version, listener=self.listener_id)
+                table = await listen(version=self.version, listener=self.listener_id,
+                                     epoch=self.epoch)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -290,7 +292,7 @@ class Router:
             if not table or table.get("shutdown"):
                 self.close(reason="the serve instance was shut down")
                 return
-            if table["version"] != self.version:
+            if table["version"] != self.version or table.get("epoch") != self.epoch:
                 self.apply(table)
 
     def apply(self, table: RoutingTable) -> None:
@@ -313,6 +315,7 @@ class Router:
                           for name, spec in table["endpoints"].items()}
         self.routes = {e.route: e for e in self.endpoints.values() if e.route}
         self._backends = backends
+        self.epoch = table.get("epoch")
         self.version = table["version"]
         for tag, backend in old_backends.items():
             if tag not in backends:
@@ -324,12 +327,38 @@ class Router:
         self._updated.set()
         self._updated = asyncio.Event()
 
-    async def wait_for_version(self, version: int, timeout: float = 30.0) -> None:
-        """Block until the table is at least as new as a change the caller made."""
+    async def wait_for_version(self, version: int, epoch: str | None = None,
+                               timeout: float = 30.0) -> None:
+        """Block until the table includes a change the caller made: ``version`` of the
+        controller instance ``epoch`` (None: of whichever instance the router follows).
+
+        Versions count per instance. When the router follows another instance than
+        the caller's, one of them is gone; the controller says which runs. If it is the
+        router's, the caller's change went with its instance and no version of it will
+        come, so the current table will do; otherwise the router waits for the running
+        instance's table (and for ``version`` too when that is the caller's instance).
+        """
         self.start()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.version < version and not self.closed:
-            remaining = deadline - asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        asked = None  # the router epoch we last asked the controller about
+        while not self.closed:
+            if self.epoch is not None and epoch not in (None, self.epoch) and \
+                    asked != self.epoch:
+                asked = self.epoch
+                try:
+                    info = await getattr(self._pool(self.scheduler_address),
+                                         ControllerOp.INFO)()
+                except Exception as exc:  # unreachable: wait for the next table
+                    logger.debug("asking the controller for its epoch failed: %r", exc)
+                    info = None
+                running = info.get("epoch") if info else None
+                if running is not None and running != epoch:
+                    epoch, version = running, 0  # the caller's instance is gone
+            if self.epoch is not None and epoch in (None, self.epoch) and \
+                    self.version >= version:
+                return
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 raise ServeError(f"routing table did not reach version {version} "
                                  f"within {timeout}s (at {self.version})")

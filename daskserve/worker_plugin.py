@@ -26,7 +26,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .config import HTTPOptions
 from .executor import ReplicaExecutor
-from .protocol import CallReply, WireRequest, WorkerOp
+from .protocol import CallReply, UpdateReply, WireRequest, WorkerOp
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +101,17 @@ class ServeWorkerPlugin(WorkerPlugin):
         """
         return self.worker.address if replica in self.executors else None
 
-    async def update(self, replica: str, config: dict, reconfigure: bool) -> bool:
+    async def update(self, replica: str, config: dict, reconfigure: bool) -> UpdateReply:
+        """Apply a config; what it raises goes back pickled, not as a Dask error,
+        which the controller would have to unpickle (see ``UpdateReply``)."""
         executor = self.executors.get(replica)
         if executor is None:
-            return False
-        await executor.update_config(config, reconfigure)
-        return True
+            return {"applied": False}
+        try:
+            await executor.update_config(config, reconfigure)
+        except Exception as exc:
+            return {"applied": False, **_config_error(exc, executor.context)}
+        return {"applied": True}
 
     async def drain(self, replica: str) -> bool:
         """Finish the replica's in-flight work, then forget it (its actor goes next)."""
@@ -174,6 +179,18 @@ def _reply(outcome: tuple) -> CallReply:
     if ticket is not None:
         reply["ticket"] = ticket
     return reply
+
+
+def _config_error(exc: Exception, context: Any) -> UpdateReply:
+    where = f"backend {context.backend_tag!r}, replica {context.replica_tag!r}"
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"raised in {where} while it applied a new config")
+    message = f"{type(exc).__name__}: {exc}"
+    try:
+        error = cloudpickle.dumps(exc)
+    except Exception:  # an exception that cannot travel arrives as its text
+        error = cloudpickle.dumps(RuntimeError(f"{message} (raised in {where})"))
+    return {"error": error, "message": message}
 
 
 def _dump_results(results: list[tuple[int, bool, Any]]) -> bytes:

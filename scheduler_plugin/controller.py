@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import uuid
+from collections import defaultdict
 from typing import Any, Callable
 
 from distributed.core import Status
@@ -30,7 +32,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from daskserve.config import HTTPOptions
-from daskserve.protocol import ControllerOp, RoutingTable
+from daskserve.protocol import ControllerOp, RoutingTable, TableVersion
 from daskserve.tasks import spawn
 from daskserve.worker_plugin import PLUGIN_NAME as WORKER_PLUGIN_NAME
 from daskserve.worker_plugin import ServeWorkerPlugin
@@ -38,7 +40,7 @@ from daskserve.worker_plugin import ServeWorkerPlugin
 from .checkpoint import CheckpointStore
 from .proxies import ProxyFleet
 from .replicas import ReplicaManager
-from .state import DesiredState, ObservedState, describe_backend, routing_table
+from .state import ObservedState, describe_backend, routing_table
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +86,18 @@ class ServeController(SchedulerPlugin):
         self.checkpoint_path = self.checkpoint.path
         self.desired = await self.checkpoint.restore()  # before anything serves
         self.observed = ObservedState()
-        self.version = 0  # of the routing table
+        # Routing tables are named by (epoch, version); a new epoch per start tells
+        # routers that outlived the previous instance to drop its tables.
+        self.epoch = uuid.uuid4().hex
+        self.version = 0
         self._changed = asyncio.Event()
         self._acked = asyncio.Event()
         self._acks: dict[str, int] = {}
-        self._shut_down = False
+        self._shut_down = False  # routers have been told the instance is gone
+        self._teardown_task: asyncio.Future | None = None
         self._background: set[asyncio.Future] = set()
         self._joining: set[asyncio.Future] = set()
+        self._config_turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # Workers get the worker plugin before they run any task, joining ones too.
         await scheduler.register_worker_plugin(None, dumps(ServeWorkerPlugin()),
                                                name=WORKER_PLUGIN_NAME, idempotent=True)
@@ -114,7 +121,8 @@ class ServeController(SchedulerPlugin):
             await asyncio.gather(*self._joining, return_exceptions=True)
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        self.proxies.lose_worker(worker)
+        for host in self.proxies.lose_worker(worker):
+            self._spawn(self.proxies.rehome(host))
         if self.replicas.lose_worker(worker):
             self._spawn(self._publish_and_reconcile())
 
@@ -161,7 +169,11 @@ class ServeController(SchedulerPlugin):
 
     # -- routing table ------------------------------------------------------------------
     def table(self) -> RoutingTable:
-        return routing_table(self.version, self.desired, self.observed)
+        return routing_table(self.epoch, self.version, self.desired, self.observed)
+
+    def stamp(self) -> TableVersion:
+        """The table that includes every change made so far: what changes return."""
+        return {"epoch": self.epoch, "version": self.version}
 
     async def _publish(self) -> None:
         """Announce a new table and wait until every proxy routes by it."""
@@ -169,6 +181,8 @@ class ServeController(SchedulerPlugin):
         version = self.version
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        for gone in self._acks.keys() - self.proxies.listener_ids:
+            del self._acks[gone]  # proxies whose worker left
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PROXY_ACK_TIMEOUT_S
         while any(self._acks.get(p, -1) < version for p in self.proxies.listener_ids):
@@ -182,25 +196,34 @@ class ServeController(SchedulerPlugin):
             except asyncio.TimeoutError:
                 pass
 
-    async def listen(self, version: int, listener: str) -> RoutingTable:
-        """Long-poll: return the table once it is newer than ``version``."""
-        self._acks[listener] = version
-        acked, self._acked = self._acked, asyncio.Event()
-        acked.set()
-        if self._shut_down:
-            return {"version": self.version, "shutdown": True}
-        if version >= self.version:
+    async def listen(self, version: int, listener: str,
+                     epoch: str | None = None) -> RoutingTable:
+        """Long-poll: return the table once it is newer than ``version``.
+
+        A router holding another epoch's table (or none) gets ours at once: its
+        version number says nothing about this instance's tables.
+
+        Only proxies' acknowledgements are kept: API calls wait for proxies alone, and
+        every process that ever used a handle polls too, so keeping theirs would grow
+        without bound.
+        """
+        current = epoch == self.epoch
+        if current and listener in self.proxies.listener_ids:
+            self._acks[listener] = version
+            acked, self._acked = self._acked, asyncio.Event()
+            acked.set()
+        if current and version >= self.version and not self._shut_down:
             try:
                 await asyncio.wait_for(self._changed.wait(), LISTEN_TIMEOUT_S)
             except asyncio.TimeoutError:
                 pass
         if self._shut_down:
-            return {"version": self.version, "shutdown": True}
+            return {**self.stamp(), "shutdown": True}
         return self.table()
 
     # -- backends ---------------------------------------------------------------
     async def create_backend(self, tag: str, spec: bytes, config: dict,
-                             replica_options: dict) -> int:
+                             replica_options: dict) -> TableVersion:
         await self._workers_settled()
         backend = self.desired.add_backend(tag, spec, config, replica_options)
         errors = await self.replicas.reconcile(backend)
@@ -209,7 +232,7 @@ class ServeController(SchedulerPlugin):
             await self.replicas.remove_backend(tag)
             await self._publish()
             raise RuntimeError(f"backend {tag!r} failed to start: {errors[0]}")
-        return self.version
+        return self.stamp()
 
     async def list_backends(self) -> dict[str, dict]:
         return {tag: describe_backend(spec, self.observed.of(tag))
@@ -218,55 +241,64 @@ class ServeController(SchedulerPlugin):
     async def get_backend_config(self, tag: str) -> dict:
         return self.desired.backend(tag).config
 
-    async def update_backend_config(self, tag: str, config: dict) -> int:
-        old = self.desired.set_backend_config(tag, config)
-        backend = self.desired.backend(tag)
-        try:
-            await self.replicas.push_config(
-                backend, reconfigure=config["user_config"] != old["user_config"])
-        except Exception:
-            self.desired.set_backend_config(tag, old)
-            raise
-        await self._publish()
+    async def update_backend_config(self, tag: str, changes: dict,
+                                    replace: bool = False) -> TableVersion:
+        """Apply some fields of a backend's config (all of them with ``replace``).
+
+        Updates of one backend take turns, each until its config has reached the
+        replicas, so replicas get configs in the order they were made and a failed one
+        is undone without undoing another's.
+        """
+        async with self._config_turns[tag]:
+            old = self.desired.update_backend_config(tag, changes, replace)
+            backend = self.desired.backend(tag)
+            try:
+                await self.replicas.push_config(
+                    backend, reconfigure=backend.config["user_config"] != old["user_config"])
+            except Exception:
+                self.desired.update_backend_config(tag, old, replace=True)
+                raise
+            await self._publish()
         await self._workers_settled()
         errors = await self.replicas.reconcile(backend)
         if errors:
             raise RuntimeError(f"backend {tag!r}: new replicas failed to start: {errors[0]}")
-        return self.version
+        return self.stamp()
 
-    async def delete_backend(self, tag: str) -> int:
+    async def delete_backend(self, tag: str) -> TableVersion:
         self.desired.remove_backend(tag)
+        self._config_turns.pop(tag, None)
         await self.replicas.remove_backend(tag)
-        return self.version
+        return self.stamp()
 
     # -- endpoints --------------------------------------------------------------------
     async def create_endpoint(self, name: str, backend: str | None, route: str | None,
-                              methods: list[str]) -> int:
+                              methods: list[str]) -> TableVersion:
         self.desired.add_endpoint(name, backend, route, methods)
         await self._publish()
-        return self.version
+        return self.stamp()
 
-    async def delete_endpoint(self, name: str) -> int:
+    async def delete_endpoint(self, name: str) -> TableVersion:
         self.desired.remove_endpoint(name)
         await self._publish()
-        return self.version
+        return self.stamp()
 
     async def list_endpoints(self) -> dict[str, dict]:
         return {name: e.describe() for name, e in self.desired.endpoints.items()}
 
-    async def set_traffic(self, endpoint: str, traffic: dict) -> int:
+    async def set_traffic(self, endpoint: str, traffic: dict) -> TableVersion:
         self.desired.set_traffic(endpoint, traffic)
         await self._publish()
-        return self.version
+        return self.stamp()
 
-    async def shadow_traffic(self, endpoint: str, backend: str, proportion: float) -> int:
+    async def shadow_traffic(self, endpoint: str, backend: str, proportion: float) -> TableVersion:
         self.desired.set_shadow(endpoint, backend, proportion)
         await self._publish()
-        return self.version
+        return self.stamp()
 
     # -- instance -----------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
-        return {"version": self.version, "http_options": self.http_options,
+        return {**self.stamp(), "http_options": self.http_options,
                 "checkpoint_path": self.checkpoint_path,
                 "proxies": self.proxies.addresses(),
                 "workers": self.replicas.ledger.snapshot()}
@@ -277,15 +309,22 @@ class ServeController(SchedulerPlugin):
             self.scheduler.remove_plugin(PLUGIN_NAME)
 
     async def _teardown(self) -> None:
-        if self._shut_down:
-            return
-        self._shut_down = True
-        self._changed.set()  # routers learn of the shutdown and stop polling
+        """Shut down once, however many callers (a client's ``shutdown``, the
+        scheduler closing) ask; each returns when it is done."""
+        if self._teardown_task is None:
+            self._teardown_task = asyncio.ensure_future(self._stop_serving())
+        await asyncio.shield(self._teardown_task)
+
+    async def _stop_serving(self) -> None:
+        """Stop without dropping work already accepted: proxies stop accepting and
+        finish their requests, replicas drain, and only then are routers told that
+        the instance is gone (a router that knows fails what it still holds)."""
         await self.proxies.stop()
         tags = list(self.desired.backends)
         self.desired.clear()
-        for tag in tags:
-            await self.replicas.remove_backend(tag)
+        await asyncio.gather(*(self.replicas.remove_backend(tag) for tag in tags))
+        self._shut_down = True
+        self._changed.set()  # routers learn of the shutdown and stop polling
         for task in list(self._background):
             task.cancel()
         await self.replicas.close()

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 from distributed import Client
 
 from daskserve.config import ReplicaOptions
+from daskserve.errors import ReplicaConfigError
 from daskserve.gpus import count_gpus
 from daskserve.protocol import WorkerOp
 from daskserve.replica_host import ActorHost
@@ -207,10 +208,16 @@ class ReplicaManager:
             replica.future = None
 
     async def push_config(self, spec: BackendSpec, reconfigure: bool) -> None:
-        """Send a new config to every running replica; raises the first failure."""
+        """Send a new config to every running replica; raises the first failure
+        (a replica's own error as ``ReplicaConfigError``, still pickled)."""
+        running = self.observed.running(spec.tag)
         calls = [getattr(self._scheduler.rpc(r.address), WorkerOp.UPDATE)(
                      replica=r.tag, config=spec.config, reconfigure=reconfigure)
-                 for r in self.observed.running(spec.tag)]
-        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+                 for r in running]
+        for replica, outcome in zip(running, await asyncio.gather(*calls,
+                                                                   return_exceptions=True)):
             if isinstance(outcome, Exception):
                 raise outcome
+            if outcome.get("error") is not None:
+                raise ReplicaConfigError(spec.tag, replica.tag, outcome["message"],
+                                         outcome["error"])

@@ -82,9 +82,19 @@ class DesiredState:
         self._changed()
         return spec
 
-    def set_backend_config(self, tag: str, config: dict) -> dict:
-        """Replace a backend's config; returns the previous one."""
+    def update_backend_config(self, tag: str, changes: dict,
+                              replace: bool = False) -> dict:
+        """Merge some fields (wire form) into a backend's config, or with ``replace``
+        swap in a whole one; returns the previous config.
+
+        The merge happens here, in one step, so that concurrent partial updates each
+        keep the fields the others changed; the merged config must pass every
+        ``BackendConfig`` rule, cross-field ones included.
+        """
         spec = self.backend(tag)
+        if not isinstance(changes, dict):
+            raise TypeError("config changes must be a dict in wire form")
+        config = dict(changes) if replace else {**spec.config, **changes}
         BackendConfig.validate_wire(config)
         old, spec.config = spec.config, config
         self._changed()
@@ -108,10 +118,7 @@ class DesiredState:
         if name in self.endpoints:
             raise ValueError(f"endpoint {name!r} already exists")
         if route is not None:
-            if not isinstance(route, str) or not route.startswith("/"):
-                raise ValueError(f"route must be a path starting with '/', got {route!r}")
-            if route.startswith("/-/"):
-                raise ValueError(f"route {route!r} is reserved for built-in routes")
+            _check_route(route)
             for other in self.endpoints.values():
                 if other.route == route:
                     raise ValueError(f"route {route!r} is already used by endpoint "
@@ -189,9 +196,53 @@ class DesiredState:
         return state
 
 
+MAX_NAME_LENGTH = 256
+MAX_ROUTE_LENGTH = 2048
+
+
 def _check_name(kind: str, name: Any) -> None:
+    """Names travel into logs, metric labels, replica tags and anything built by
+    joining names into paths, so they must print as they are, never split into path
+    segments, and stay short enough that every message quoting them stays small."""
     if not isinstance(name, str) or not name:
-        raise TypeError(f"{kind} name must be a non-empty string, got {name!r}")
+        raise TypeError(f"{kind} name must be a non-empty string, got {_clip(name)}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"{kind} name must be at most {MAX_NAME_LENGTH} characters, "
+                         f"got {len(name)}: {_clip(name)}")
+    if not name.isprintable():
+        raise ValueError(f"{kind} name must be printable (no control characters, NUL, "
+                         f"tabs or line breaks), got {_clip(name)}")
+    if "/" in name:
+        raise ValueError(f"{kind} name must not contain '/', got {_clip(name)}")
+
+
+def _check_route(route: Any) -> None:
+    """A route is matched against the percent-decoded path of a request, which never
+    holds the query ('?') or the fragment ('#') and arrives as printable text; a route
+    that could never match, or only by accident, is refused when it is created."""
+    if not isinstance(route, str) or not route.startswith("/"):
+        raise ValueError(f"route must be a path starting with '/', got {_clip(route)}")
+    if len(route) > MAX_ROUTE_LENGTH:
+        raise ValueError(f"route must be at most {MAX_ROUTE_LENGTH} characters, got "
+                         f"{len(route)}: {_clip(route)}")
+    for char, part in (("?", "query string"), ("#", "fragment")):
+        if char in route:
+            raise ValueError(f"route {_clip(route)} must not contain {char!r}: a "
+                             f"request's {part} is not part of the path routes match")
+    if not route.isprintable():
+        raise ValueError(f"route must be printable (no control characters, NUL, tabs "
+                         f"or line breaks), got {_clip(route)}")
+    if route != route.strip():
+        raise ValueError(f"route must not begin or end with whitespace, got {_clip(route)}")
+    if route.startswith("/-/"):
+        raise ValueError(f"route {route!r} is reserved for built-in routes")
+
+
+def _clip(value: Any, limit: int = 60) -> str:
+    """``repr`` of a user value, cut short: a 100k-character name must not make a
+    100k-character error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # -- observed ---------------------------------------------------------------------------
@@ -261,10 +312,11 @@ def describe_backend(spec: BackendSpec, observed: BackendReplicas) -> dict[str, 
     }
 
 
-def routing_table(version: int, desired: DesiredState,
+def routing_table(epoch: str, version: int, desired: DesiredState,
                   observed: ObservedState) -> RoutingTable:
     """What routers need: endpoints with policies, and each backend's live replicas."""
     return {
+        "epoch": epoch,
         "version": version,
         "endpoints": {name: e.describe() for name, e in desired.endpoints.items()},
         "backends": {

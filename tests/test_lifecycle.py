@@ -57,7 +57,7 @@ def test_start_is_idempotent(dask_client, http_port):
         first.create_backend("hello", hello)
         first.create_endpoint("hello", backend="hello", route="/hello")
 
-        second = serve.start(dask_client, http_options={"port": _free_port()})
+        second = serve.start(dask_client, http_options={"port": http_port})
         # The second start attached to the running instance instead of replacing it.
         assert set(second.list_backends()) == {"hello"}
         assert second.list_endpoints()["hello"]["route"] == "/hello"
@@ -315,7 +315,7 @@ def test_scheduler_preload_starts_an_instance(tmp_path, http_port):
         assert requests.get(f"{base_url}/-/routes", timeout=TIMEOUT).json() == {"/cube": "cube"}
 
         # serve.start on that scheduler attaches to the preloaded instance.
-        attached = serve.start(dask_client, http_options={"port": _free_port()})
+        attached = serve.start(dask_client)
         assert set(attached.list_backends()) == {"cube"}
         assert requests.get(f"{base_url}/cube", params={"x": "2"},
                             timeout=TIMEOUT).json() == {"cube": 8}
