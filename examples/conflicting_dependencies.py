@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from importlib import metadata
 
@@ -54,13 +55,16 @@ def _requirements_of(name):
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
+    # Only what is installed (not, say, a source tree's egg-info on sys.path).
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d
+                 for d in metadata.distributions(path=paths)}
     found, todo = {}, [name]
     while todo:
-        wanted = todo.pop()
-        if canonicalize_name(wanted) in found:
+        wanted = canonicalize_name(todo.pop())
+        if wanted in found:
             continue
-        dist = metadata.distribution(wanted)
-        found[canonicalize_name(wanted)] = dist
+        dist = found[wanted] = installed[wanted]
         for line in dist.requires or []:
             requirement = Requirement(line)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):

@@ -25,6 +25,9 @@ EXPECTED = {
     "gpu_placement.py": ["model_a RUNNING", "model_b RUNNING", "model_c PENDING",
                          "'backend': 'model_a'"],
     "composition.py": ["{'x': 3.0, 'scores': [7.0, 9.0], 'mean': 8.0}"],
+    "conflicting_dependencies.py": ["workers can import six: False",
+                                    "/six116 over HTTP: 1.16.0", "six116 via a handle: 1.16.0",
+                                    "/six117 over HTTP: 1.17.0", "six117 via a handle: 1.17.0"],
 }
 
 

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -75,6 +76,26 @@ def host_lock(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def open_archive(raw: io.RawIOBase) -> tarfile.TarFile:
+    """A streaming tar reader over ``raw`` that notices a truncated archive.
+
+    tarfile's own stream mode takes a compressed stream that simply stops for the
+    end of the archive; the gzip, bz2 and lzma file objects raise ``EOFError``.
+    """
+    import bz2
+    import gzip
+
+    stream = io.BufferedReader(raw, 1 << 20)
+    magic = stream.peek(6)[:6]
+    if magic[:2] == b"\x1f\x8b":
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
+    elif magic[:3] == b"BZh":
+        stream = bz2.BZ2File(stream)
+    elif magic == b"\xfd7zXZ\x00":
+        stream = lzma.LZMAFile(stream)
+    return tarfile.open(fileobj=stream, mode="r|")
 
 
 @dataclass
@@ -169,11 +190,10 @@ def _unpack(spec: EnvSpec, read_chunk: Callable[[int], bytes], root: str,
     try:
         stream = _ChunkStream(spec, read_chunk)
         try:
-            with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20),
-                              mode="r|*") as tar:
+            with open_archive(stream) as tar:
                 _extract(tar, tmp)
             stream.finish()
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
             raise EnvError(f"{what}: the archive cannot be unpacked: "
                            f"{type(exc).__name__}: {exc}") from None
         shutil.rmtree(base, ignore_errors=True)  # leftovers of an install that crashed

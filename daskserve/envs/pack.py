@@ -22,17 +22,20 @@ import contextlib
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from typing import Any, Iterator
 
 from ..protocol import ControllerOp
 from . import probe
-from .spec import CHUNK_SIZE, EnvError, EnvSpec, chunk_key
+from .cache import host_lock, open_archive
+from .spec import EnvError, EnvSpec, chunk_key
 
 _SITE = re.compile(r"^(?:lib/python(\d+\.\d+)/site-packages|Lib/site-packages)/"
                    r"([^/]+)-([^/-]+)\.dist-info/")
@@ -313,7 +316,7 @@ def _inspect(path: str) -> EnvSpec:
     found: dict[str, str] = {}
     python = platform = None
     try:
-        with reader, tarfile.open(fileobj=reader, mode="r|*") as tar:
+        with reader, open_archive(reader) as tar:
             for member in tar:
                 name = member.name[2:] if member.name.startswith("./") else member.name
                 if name == "pyvenv.cfg":
@@ -336,7 +339,8 @@ def _inspect(path: str) -> EnvSpec:
                         "/site-packages/daskserve/__init__.py"):
                     found.setdefault("daskserve-package", "")
             reader.drain()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, EOFError, OSError, ValueError, lzma.LZMAError,
+            zlib.error) as exc:
         raise EnvError(f"PackedEnv: {path!r} is not a readable tar archive "
                        f"(conda-pack and venv-pack write .tar.gz by default; zip archives "
                        f"are not supported): {type(exc).__name__}: {exc}") from None
@@ -435,7 +439,5 @@ def _write_json(path: str, value: Any) -> None:
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
     """One packer per env at a time, across processes."""
-    from .cache import host_lock
-
     with host_lock(path):
         yield
