@@ -293,6 +293,34 @@ def test_replica_process_dies_with_its_worker(dirs, six_envs):
             client.shutdown()
 
 
+def test_env_replicas_on_a_tls_cluster(dirs, six_envs):
+    from distributed.security import Security
+
+    security = Security.temporary()  # in-memory certificates reach the child too
+    port = free_port()
+    with LocalCluster(n_workers=1, threads_per_worker=1, security=security,
+                      dashboard_address=":0") as lc, \
+            Client(lc, security=security) as dask_client:
+        client = serve.start(dask_client, http_options={"port": port})
+        try:
+            client.create_backend("m", SixModel, replica_options={"env": six_envs["1.17.0"]})
+            client.create_endpoint("m", backend="m", route="/m")
+            info = client.get_handle("m").options(method_name="info").remote().result(
+                timeout=TIMEOUT)
+            assert info["version"] == "1.17.0"
+            assert requests.get(f"http://127.0.0.1:{port}/m", timeout=TIMEOUT).text == "1.17.0"
+            routes = dask_client.run_on_scheduler(_replica_addresses)
+            assert routes and all(a.startswith("tls://") for a in routes)
+        finally:
+            client.shutdown()
+
+
+def _replica_addresses(dask_scheduler):
+    controller = dask_scheduler.plugins["daskserve"]
+    return [r["address"] for b in controller.table()["backends"].values()
+            for r in b["replicas"]]
+
+
 def test_env_is_removed_when_no_backend_uses_it(cluster, serving, six_envs):
     env = six_envs["1.16.0"]
     serving.create_backend("a", SixModel, replica_options={"env": env, "num_cpus": 0.5})

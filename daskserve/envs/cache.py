@@ -125,12 +125,14 @@ def install(spec: EnvSpec, read_chunk: Callable[[int], bytes], replica: str,
     with host_lock(base + ".lock"):
         info = _ready(spec, base)
         if info is None:
-            started = time.monotonic()
-            info = _unpack(spec, read_chunk, root, base)
+            timings: dict[str, float] = {}
+            info = _unpack(spec, read_chunk, root, base, timings)
             with open(os.path.join(root, "installs.log"), "a") as log:
                 log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {spec.sha256} "
                           f"{spec.name} {spec.size} bytes, installed by {where} "
-                          f"(pid {os.getpid()}) in {time.monotonic() - started:.1f}s\n")
+                          f"(pid {os.getpid()}) in {sum(timings.values()):.1f}s: "
+                          f"fetched and unpacked in {timings['unpack']:.1f}s, "
+                          f"fixed up and probed in {timings['probe']:.1f}s\n")
         users = base + ".users"
         os.makedirs(users, exist_ok=True)
         user = os.path.join(users, f"{os.getpid()}-{_safe(replica)}")
@@ -180,8 +182,9 @@ def _ready(spec: EnvSpec, base: str) -> dict[str, Any] | None:
 
 
 def _unpack(spec: EnvSpec, read_chunk: Callable[[int], bytes], root: str,
-            base: str) -> dict[str, Any]:
+            base: str, timings: dict[str, float]) -> dict[str, Any]:
     what = spec.describe()
+    started = time.monotonic()
     expected_platform = spec.platform
     if expected_platform and not probe.same_platform(expected_platform, probe.this_platform()):
         raise EnvError(f"{what} was packed on {expected_platform}, and this host is "
@@ -201,9 +204,12 @@ def _unpack(spec: EnvSpec, read_chunk: Callable[[int], bytes], root: str,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    timings["unpack"] = time.monotonic() - started
+    started = time.monotonic()
     try:
         _fix_prefix(spec, base)
         info = probe.probe(base, what)
+        timings["probe"] = time.monotonic() - started
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)
         raise
