@@ -283,7 +283,8 @@ class ServeController(SchedulerPlugin):
         return {"version": self.version, "http_options": self.http_options,
                 "checkpoint_path": self.checkpoint_path,
                 "proxies": self.proxies.addresses(),
-                "workers": self.replicas.ledger.snapshot()}
+                "workers": self.replicas.ledger.snapshot(),
+                "envs": self.replicas.envs.status()}
 
     async def shutdown(self) -> None:
         await self._teardown()

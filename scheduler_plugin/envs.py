@@ -7,10 +7,12 @@ chunks then live on workers (spilled to disk by Dask under memory pressure), nev
 in the scheduler, and any worker hosting a replica of the env pulls them from there:
 scale-up and replacements on new hosts need no client.
 
-An archive stays while a backend uses it, and for ``UNUSED_UPLOAD_TTL_S`` after an
-upload that no backend has claimed yet (the client uploads, then creates the
-backend). When the last backend using it is deleted, its chunks are released and
-every worker host deletes its unpacked copy.
+An archive stays while a backend uses it. One that no backend has claimed yet (the
+client uploads, then creates the backend) is kept for ``UNUSED_UPLOAD_TTL_S``, then
+released at the next upload or backend change: a client that died between the two
+leaves nothing behind for long, without a timer in the scheduler. When the last
+backend using an archive is deleted, its chunks are released and every worker host
+deletes its unpacked copy.
 """
 from __future__ import annotations
 
@@ -68,12 +70,14 @@ class EnvRegistry:
 
     # -- backends -----------------------------------------------------------------------
     def use(self, backend: str, env: dict[str, Any]) -> None:
+        self._expire()
         sha256 = EnvSpec.from_wire(env).sha256
         self._users.setdefault(sha256, set()).add(backend)
         self._uploads.pop(sha256, None)
 
     async def drop(self, backend: str) -> None:
         """``backend`` is gone; release the archives nothing uses any more."""
+        self._expire()
         unused = []
         for sha256, users in list(self._users.items()):
             users.discard(backend)
@@ -85,6 +89,7 @@ class EnvRegistry:
             await self._release(sha256)
 
     def status(self) -> dict[str, Any]:
+        """For ``client.info()``: each archive in the cluster and who uses it."""
         return {sha256[:16]: {"backends": sorted(self._users.get(sha256, ())),
                               "chunks_held": len(self._held.get(sha256, ()))}
                 for sha256 in set(self._users) | set(self._held)}

@@ -328,6 +328,7 @@ def test_env_is_removed_when_no_backend_uses_it(cluster, serving, six_envs):
     unpacked = Path(cache.cache_root(), env.spec.short)
     assert unpacked.is_dir() and chunks_in_cluster(cluster, env)
 
+    assert list(serving.info()["envs"][env.spec.short]["backends"]) == ["a", "b"]
     serving.delete_backend("a")  # "b" still uses it
     assert unpacked.is_dir() and chunks_in_cluster(cluster, env)
 
