@@ -298,7 +298,6 @@ def _inspect_cached(path: str) -> EnvSpec:
         raise EnvError(f"PackedEnv: cannot read archive {path!r}: {exc}") from None
     key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode())
     index = os.path.join(pack_cache_dir(), f"archive-{key.hexdigest()[:32]}.meta")
-    spec = None
     entry = _read_json(index)
     if entry is not None:
         spec = EnvSpec.from_wire(entry["spec"])
@@ -335,9 +334,8 @@ def _inspect(path: str) -> EnvSpec:
                                      match.group(3))
                 elif python is None and _PYLIB.match(name):
                     python = _PYLIB.match(name).group(1)
-                if name in ("daskserve/__init__.py",) or name.endswith(
-                        "/site-packages/daskserve/__init__.py"):
-                    found.setdefault("daskserve-package", "")
+                if name.endswith("site-packages/daskserve/__init__.py"):
+                    found.setdefault("daskserve-package", "")  # installed without metadata
             reader.drain()
     except (tarfile.TarError, EOFError, OSError, ValueError, lzma.LZMAError,
             zlib.error) as exc:
