@@ -159,9 +159,9 @@ class ReplicaOptions:
             _check_type("replica_options.env_vars key", key, (str,), "a string")
             _check_type(f"replica_options.env_vars[{key!r}]", val, (str,), "a string")
         if self.env is not None:
-            raise ValueError(
-                "replica_options.env (packed environments) is not supported yet: "
-                "replicas run in the worker's own environment; leave env unset")
+            from .envs.spec import coerce_env
+
+            coerce_env(self.env)  # a serve.PackedEnv, or its wire form on the controller
 
     @classmethod
     def coerce(cls, value: Mapping[str, Any] | None) -> "ReplicaOptions":
@@ -189,8 +189,13 @@ class ReplicaOptions:
         return env
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                "resources": dict(self.resources), "env_vars": dict(self.env_vars)}
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                   "resources": dict(self.resources), "env_vars": dict(self.env_vars)}
+        if self.env is not None:
+            from .envs.spec import coerce_env
+
+            options["env"] = coerce_env(self.env).to_wire()
+        return options
 
 
 @dataclass

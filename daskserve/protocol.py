@@ -39,6 +39,9 @@ class ControllerOp:
     LIST_ENDPOINTS = "daskserve_list_endpoints"
     SET_TRAFFIC = "daskserve_set_traffic"
     SHADOW_TRAFFIC = "daskserve_shadow_traffic"
+    ENV_PREPARE = "daskserve_env_prepare"        # client: which chunks of an archive to send
+    ENV_HOLD = "daskserve_env_hold"              # client: keep these scattered chunks
+    REPLICA_EXITED = "daskserve_replica_exited"  # worker: a replica's own process died
 
 
 class WorkerOp:

@@ -42,6 +42,7 @@ class ServeWorkerPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         self.worker = worker
         self.executors: dict[str, ReplicaExecutor] = {}
+        self.remote: dict[str, str] = {}  # replicas hosted here, served by a child process
         self.proxy: Any = None
         self._environment = ProcessEnvironment()
         worker.handlers.update(self.handlers())
@@ -78,6 +79,17 @@ class ServeWorkerPlugin(WorkerPlugin):
         self.executors.pop(replica, None)
         self._environment.remove(replica)
 
+    def add_remote(self, replica: str, address: str) -> None:
+        """A replica this worker hosts in another process, answering at ``address``."""
+        self.remote[replica] = address
+
+    def remove_remote(self, replica: str) -> None:
+        self.remote.pop(replica, None)
+
+    def baseline_environment(self) -> dict[str, str]:
+        """This worker's own environment variables, without those replicas set."""
+        return self._environment.baseline()
+
     # -- handlers: router -> replica ----------------------------------------------------
     async def call(self, replica: str, http: list[WireRequest] | None = None,
                    calls: bytes | None = None) -> CallReply:
@@ -96,10 +108,10 @@ class ServeWorkerPlugin(WorkerPlugin):
     async def locate(self, replica: str) -> str | None:
         """The address answering ``CALL`` for a replica hosted here, None if unknown.
 
-        An executor in this process is served by this worker; a host that runs its
-        executor in another process would answer with that process's address.
+        An executor in this process is served by this worker; one a host runs in
+        another process (a packed environment's) answers at that process's address.
         """
-        return self.worker.address if replica in self.executors else None
+        return self.worker.address if replica in self.executors else self.remote.get(replica)
 
     async def update(self, replica: str, config: dict, reconfigure: bool) -> UpdateReply:
         """Apply a config; what it raises goes back pickled, not as a Dask error,
@@ -157,6 +169,16 @@ class ProcessEnvironment:
             self._original.setdefault(key, os.environ.get(key))
         self._by_replica[replica] = dict(env_vars)
         os.environ.update(env_vars)
+
+    def baseline(self) -> dict[str, str]:
+        """``os.environ`` as it would be with no replica's settings."""
+        env = dict(os.environ)
+        for key, original in self._original.items():
+            if original is None:
+                env.pop(key, None)
+            else:
+                env[key] = original
+        return env
 
     def remove(self, replica: str) -> None:
         for key in self._by_replica.pop(replica, {}):

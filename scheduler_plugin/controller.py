@@ -75,6 +75,9 @@ class ServeController(SchedulerPlugin):
             ControllerOp.LIST_ENDPOINTS: self.list_endpoints,
             ControllerOp.SET_TRAFFIC: self.set_traffic,
             ControllerOp.SHADOW_TRAFFIC: self.shadow_traffic,
+            ControllerOp.ENV_PREPARE: self.env_prepare,
+            ControllerOp.ENV_HOLD: self.env_hold,
+            ControllerOp.REPLICA_EXITED: self.replica_exited,
         }
         return {op: handler if op in _READ_ONLY else self._checkpointed(handler)
                 for op, handler in handlers.items()}
@@ -296,12 +299,24 @@ class ServeController(SchedulerPlugin):
         await self._publish()
         return self.stamp()
 
+    # -- packed environments and replica processes -------------------------------------
+    async def env_prepare(self, sha256: str, nchunks: int) -> list[int]:
+        return self.replicas.envs.prepare(sha256, nchunks)
+
+    async def env_hold(self, sha256: str, keys: list[str]) -> None:
+        self.replicas.envs.hold(sha256, keys)
+
+    async def replica_exited(self, replica: str, reason: str) -> None:
+        if self.replicas.lose_replica(replica, reason):
+            self._spawn(self._publish_and_reconcile())
+
     # -- instance -----------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
         return {**self.stamp(), "http_options": self.http_options,
                 "checkpoint_path": self.checkpoint_path,
                 "proxies": self.proxies.addresses(),
-                "workers": self.replicas.ledger.snapshot()}
+                "workers": self.replicas.ledger.snapshot(),
+                "envs": self.replicas.envs.status()}
 
     async def shutdown(self) -> None:
         await self._teardown()
@@ -336,7 +351,10 @@ class ServeController(SchedulerPlugin):
 
 
 _READ_ONLY = frozenset({ControllerOp.LISTEN, ControllerOp.INFO, ControllerOp.LIST_BACKENDS,
-                        ControllerOp.GET_BACKEND_CONFIG, ControllerOp.LIST_ENDPOINTS})
+                        ControllerOp.GET_BACKEND_CONFIG, ControllerOp.LIST_ENDPOINTS,
+                        # (these change no desired state, so there is nothing to save)
+                        ControllerOp.ENV_PREPARE, ControllerOp.ENV_HOLD,
+                        ControllerOp.REPLICA_EXITED})
 
 
 def _log_failure(task: asyncio.Task) -> None:

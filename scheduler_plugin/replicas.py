@@ -20,10 +20,12 @@ from distributed import Client
 
 from daskserve.config import ReplicaOptions
 from daskserve.errors import ReplicaConfigError
+from daskserve.envs.host import EnvHost
 from daskserve.gpus import count_gpus
 from daskserve.protocol import WorkerOp
 from daskserve.replica_host import ActorHost
 
+from .envs import EnvRegistry
 from .placement import ResourceLedger
 from .state import BackendReplicas, BackendSpec, ObservedState, ReplicaState
 
@@ -42,6 +44,7 @@ class ReplicaManager:
         self._client: Client | None = None
         self._client_lock = asyncio.Lock()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.envs = EnvRegistry(scheduler, self.client)
 
     async def client(self) -> Client:
         async with self._client_lock:
@@ -91,6 +94,8 @@ class ReplicaManager:
     # -- reconciliation -----------------------------------------------------------------
     async def reconcile(self, spec: BackendSpec) -> list[str]:
         """Start or drain replicas until ``num_replicas`` are live; returns start errors."""
+        if spec.replica_options.get("env") is not None:
+            self.envs.use(spec.tag, spec.replica_options["env"])
         return await self._reconcile(spec, spec.num_replicas)
 
     async def remove_backend(self, tag: str) -> None:
@@ -101,6 +106,22 @@ class ReplicaManager:
                 await self._scale(tag, observed, 0)
             self.observed.backends.pop(tag, None)
             self._locks.pop(tag, None)
+        await self.envs.drop(tag)
+
+    def lose_replica(self, tag: str, reason: str) -> bool:
+        """A replica's own process died (packed envs); True if it was live.
+
+        Like a lost worker: the replica is forgotten, and reconciliation starts a
+        replacement under a new tag.
+        """
+        for backend in self.observed.backends.values():
+            replica = backend.replicas.get(tag)
+            if replica is not None and replica.status in ("starting", "running"):
+                self._forget_actor(replica)
+                del backend.replicas[tag]
+                backend.last_error = f"replica {tag} lost: {reason}"
+                return True
+        return False
 
     async def _reconcile(self, spec: BackendSpec, target: int) -> list[str]:
         async with self._locks[spec.tag]:
@@ -155,9 +176,12 @@ class ReplicaManager:
     async def _start(self, spec: BackendSpec, observed: BackendReplicas,
                      replica: ReplicaState) -> str | None:
         client = await self.client()
-        env_vars = ReplicaOptions(**spec.replica_options).environment()
-        future = client.submit(ActorHost, spec.tag, replica.tag, spec.code, spec.config,
-                               env_vars, replica.gpu_slots, actor=True,
+        options = ReplicaOptions(**spec.replica_options)
+        host, args = ActorHost, (spec.tag, replica.tag, spec.code, spec.config,
+                                 options.environment(), replica.gpu_slots)
+        if options.env is not None:  # a child process under the env's interpreter
+            host, args = EnvHost, (*args, spec.replica_options["env"])
+        future = client.submit(host, *args, actor=True,
                                workers=[replica.worker], allow_other_workers=False,
                                pure=False, key=f"daskserve-replica-{replica.tag}")
         replica.future = future

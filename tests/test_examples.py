@@ -29,6 +29,9 @@ EXPECTED = {
     "slurm_jobqueue.py": ["{'y': 6.0}", "replicas answer from 2 SLURM job(s)",
                           "after scale(jobs=1): replicas answer from 1 SLURM job(s)",
                           "{'running': 2}"],
+    "conflicting_dependencies.py": ["workers can import six: False",
+                                    "/six116 over HTTP: 1.16.0", "six116 via a handle: 1.16.0",
+                                    "/six117 over HTTP: 1.17.0", "six117 via a handle: 1.17.0"],
 }
 NEEDS_SLURM = {"slurm_jobqueue.py"}
 
