@@ -7,12 +7,14 @@ from .batching import accept_batch
 from .client import ServeClient
 from .config import BackendConfig
 from .context import get_replica_context
+from .errors import BackPressureError, QueueTimeoutError, SerializationError
 from .handle import AsyncServeHandle, ServeHandle
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncServeHandle", "BackendConfig", "ServeClient", "ServeHandle", "accept_batch",
+    "AsyncServeHandle", "BackPressureError", "BackendConfig", "QueueTimeoutError",
+    "SerializationError", "ServeClient", "ServeHandle", "accept_batch",
     "connect", "create_backend", "create_endpoint", "delete_backend", "delete_endpoint",
     "get_backend_config", "get_handle", "get_replica_context", "list_backends",
     "list_endpoints", "set_traffic", "shadow_traffic", "shutdown", "start",
