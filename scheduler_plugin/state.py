@@ -230,6 +230,7 @@ def routing_table(version: int, desired: DesiredState,
         "endpoints": {name: e.describe() for name, e in desired.endpoints.items()},
         "backends": {
             tag: {"max_concurrent_queries": spec.config["max_concurrent_queries"],
+                  **BackendConfig.queue_limits(spec.config),
                   "replicas": [{"tag": r.tag, "address": r.address}
                                for r in observed.running(tag)]}
             for tag, spec in desired.backends.items()
