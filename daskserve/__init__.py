@@ -8,14 +8,16 @@ from .client import ServeClient
 from .config import BackendConfig
 from .context import get_replica_context
 from .envs import EnvError, PackedEnv
-from .errors import EndpointNotFoundError, ServeError
+from .errors import (BackPressureError, EndpointNotFoundError, QueueTimeoutError,
+                     SerializationError, ServeError)
 from .handle import AsyncServeHandle, ServeHandle
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncServeHandle", "BackendConfig", "EndpointNotFoundError", "EnvError", "PackedEnv",
-    "ServeClient", "ServeError", "ServeHandle", "accept_batch",
+    "AsyncServeHandle", "BackPressureError", "BackendConfig", "EndpointNotFoundError",
+    "EnvError", "PackedEnv", "QueueTimeoutError", "SerializationError", "ServeClient",
+    "ServeError", "ServeHandle", "accept_batch",
     "connect", "create_backend", "create_endpoint", "delete_backend", "delete_endpoint",
     "get_backend_config", "get_handle", "get_replica_context", "list_backends",
     "list_endpoints", "set_traffic", "shadow_traffic", "shutdown", "start",

@@ -52,6 +52,17 @@ class BackendConfig:
     Validation happens in ``__post_init__``, which the controller also runs on the
     result of every partial update it merges, so a partially updated config can
     never hold an invalid combination.
+
+    Two fields bound what waits in each router when every replica is at
+    ``max_concurrent_queries`` (or none runs), so that a backend that cannot keep up
+    makes callers fail fast instead of piling up memory and latency:
+
+    - ``max_queued_requests`` (-1, unbounded): past it a request is refused at once
+      (HTTP 503 with ``Retry-After``; handles raise ``BackPressureError``).
+    - ``queue_timeout_s`` (30 s; None waits without bound): a request that waited
+      this long fails (HTTP 503; handles raise ``QueueTimeoutError``). Raise it for
+      backends whose replicas may take long to appear, such as on a cluster that
+      must first grow.
     """
 
     num_replicas: int = 1
@@ -59,6 +70,8 @@ class BackendConfig:
     batch_wait_timeout: float = 0.0
     max_concurrent_queries: int = 100
     user_config: Any = None
+    max_queued_requests: int = -1
+    queue_timeout_s: float | None = 30.0
 
     def __post_init__(self) -> None:
         _check_number("num_replicas", self.num_replicas, minimum=0, integer=True)
@@ -67,6 +80,11 @@ class BackendConfig:
         _check_number("batch_wait_timeout", self.batch_wait_timeout, minimum=0)
         _check_number("max_concurrent_queries", self.max_concurrent_queries,
                       minimum=1, integer=True)
+        _check_number("max_queued_requests", self.max_queued_requests, minimum=-1,
+                      integer=True)
+        if self.queue_timeout_s is not None:
+            _check_number("queue_timeout_s", self.queue_timeout_s, minimum=0,
+                          allow_equal=False)
         if self.max_batch_size is not None and self.max_batch_size > self.max_concurrent_queries:
             # A batch can only fill with requests the router lets through; refusing
             # beats silently capping every batch at the concurrency limit.
@@ -123,6 +141,14 @@ class BackendConfig:
             raise TypeError("config must be a BackendConfig in wire form")
         _reject_unknown("BackendConfig", wire, {f.name for f in fields(cls)})
         cls(**{**wire, "user_config": None})
+
+    @classmethod
+    def queue_limits(cls, wire: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields routers apply to their wait queues (``protocol.BackendRoute``);
+        a config stored before they existed gets their defaults."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        return {name: wire.get(name, defaults[name])
+                for name in ("max_queued_requests", "queue_timeout_s")}
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> "BackendConfig":

@@ -10,10 +10,10 @@ before the first replica is placed. It holds:
 - the EveryNode HTTP proxy, when this worker runs one.
 
 Replies carry whatever finished first; results still running are fetched with
-``COLLECT`` and the ticket the reply names, so one slow request never delays the
-others of its message. A replica that is gone or draining answers ``retry`` instead
-of executing, which is how scale-down and replica replacement lose no request: the
-router sends those requests elsewhere.
+``COLLECT`` and the message's ticket, so one slow request never delays the
+others of its message. ``CANCEL`` names work whose callers gave up. A replica that
+is gone or draining answers ``retry`` instead of executing, which is how scale-down
+and replica replacement lose no request: the router sends those requests elsewhere.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Any, Callable
 import cloudpickle
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from . import pickling
 from .config import HTTPOptions
 from .executor import ReplicaExecutor
 from .protocol import CallReply, UpdateReply, WireRequest, WorkerOp
@@ -54,6 +55,7 @@ class ServeWorkerPlugin(WorkerPlugin):
 
     def handlers(self) -> dict[str, Callable]:
         return {WorkerOp.CALL: self.call, WorkerOp.COLLECT: self.collect,
+                WorkerOp.CANCEL: self.cancel,
                 WorkerOp.UPDATE: self.update, WorkerOp.DRAIN: self.drain,
                 WorkerOp.LOCATE: self.locate,
                 WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy}
@@ -91,18 +93,27 @@ class ServeWorkerPlugin(WorkerPlugin):
         return self._environment.baseline()
 
     # -- handlers: router -> replica ----------------------------------------------------
-    async def call(self, replica: str, http: list[WireRequest] | None = None,
+    async def call(self, replica: str, ticket: int, http: list[WireRequest] | None = None,
                    calls: bytes | None = None) -> CallReply:
         executor = self.executors.get(replica)
         if executor is None or executor.draining:
             return {"retry": True}
-        return _reply(await executor.handle(http or [],
-                                            cloudpickle.loads(calls) if calls else []))
+        try:
+            decoded = cloudpickle.loads(calls) if calls else []
+        except Exception as exc:  # nothing has started: the router may split the message
+            return {"undecodable": pickling.summarize(exc)}
+        return _reply(await executor.handle(ticket, http or [], decoded))
 
     async def collect(self, replica: str, ticket: int) -> CallReply:
         executor = self.executors.get(replica)
         outcome = await executor.collect(ticket) if executor is not None else None
         return {"lost": True} if outcome is None else _reply(outcome)
+
+    def cancel(self, replica: str, cancels: list[list]) -> None:
+        executor = self.executors.get(replica)
+        if executor is not None:
+            for ticket, http, calls in cancels:
+                executor.cancel(ticket, http, calls)
 
     # -- handlers: controller -> replica --------------------------------------------------
     async def locate(self, replica: str) -> str | None:
@@ -197,7 +208,7 @@ def _reply(outcome: tuple) -> CallReply:
     http, calls, ticket = outcome
     reply: CallReply = {"http": http}
     if calls:
-        reply["calls"] = _dump_results(calls)
+        reply["calls"], reply["values"] = pickling.dump_results(calls)
     if ticket is not None:
         reply["ticket"] = ticket
     return reply
@@ -214,18 +225,3 @@ def _config_error(exc: Exception, context: Any) -> UpdateReply:
         error = cloudpickle.dumps(RuntimeError(f"{message} (raised in {where})"))
     return {"error": error, "message": message}
 
-
-def _dump_results(results: list[tuple[int, bool, Any]]) -> bytes:
-    try:
-        return cloudpickle.dumps(results)
-    except Exception:
-        # Only the values that cannot be pickled become errors; the rest arrive intact.
-        safe = []
-        for index, ok, value in results:
-            try:
-                cloudpickle.dumps(value)
-                safe.append((index, ok, value))
-            except Exception as exc:
-                safe.append((index, False, TypeError(
-                    f"result of type {type(value).__name__} cannot be pickled: {exc}")))
-        return cloudpickle.dumps(safe)

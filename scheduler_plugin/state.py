@@ -321,6 +321,7 @@ def routing_table(epoch: str, version: int, desired: DesiredState,
         "endpoints": {name: e.describe() for name, e in desired.endpoints.items()},
         "backends": {
             tag: {"max_concurrent_queries": spec.config["max_concurrent_queries"],
+                  **BackendConfig.queue_limits(spec.config),
                   "replicas": [{"tag": r.tag, "address": r.address}
                                for r in observed.running(tag)]}
             for tag, spec in desired.backends.items()
