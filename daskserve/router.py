@@ -588,7 +588,7 @@ class Router:
         state = self._backends.get(backend)
         if state is None:
             return 0
-        return sum(link.in_flight for link in state.links) + len(state.waiting)
+        return sum(link.in_flight for link in state.links) + state.queue.live()
 
     def close(self, reason: str = "router closed") -> None:
         self.closed = True
