@@ -39,6 +39,9 @@ class ControllerOp:
     LIST_ENDPOINTS = "daskserve_list_endpoints"
     SET_TRAFFIC = "daskserve_set_traffic"
     SHADOW_TRAFFIC = "daskserve_shadow_traffic"
+    REPORT_LOAD = "daskserve_report_load"        # router: (listener, loads: LoadReport),
+    #   sent once per interval while a backend's load is nonzero or has just changed,
+    #   never per request; no answer is needed
 
 
 class WorkerOp:
@@ -113,6 +116,11 @@ class RoutingTable(TypedDict, total=False):
     endpoints: dict[str, EndpointRoute]
     backends: dict[str, BackendRoute]
     shutdown: bool
+
+
+# A router's load per backend: queries sent and unanswered plus those waiting for a
+# free replica ({backend tag: count}). Backends it omits count as 0 for it.
+LoadReport = dict
 
 
 # -- router -> replica ----------------------------------------------------------------
