@@ -1,9 +1,10 @@
 """Adaptive Dask clusters grow for replicas and shrink around them.
 
 ``distributed.deploy.Adaptive`` (behind ``cluster.adapt()`` on LocalCluster,
-dask-jobqueue and others) asks the scheduler three things, each a scheduler handler:
+dask-jobqueue and others) asks the scheduler three things over RPC:
 ``adaptive_target`` (how many workers), ``workers_to_close`` (which ones may go) and
-``retire_workers`` (let them go). Left alone, all three ignore replicas: a replica
+``retire_workers`` (let them go); the Kubernetes operator asks the same through the
+scheduler's HTTP API. Left alone, all three ignore replicas: a replica
 that fits on no worker never makes the cluster grow, and a worker hosting one is
 idle to Dask, so Adaptive retires it. ``retire_workers`` refuses a worker that holds
 actors, but Adaptive then closes it anyway (``cluster.scale_down``), taking the
@@ -23,14 +24,14 @@ So the bridge:
   and moves the replicas of a worker whose replicas all fit on the other hosts
   (controlled migration), so workers empty out and can be given back.
 
-Nothing here runs unless Adaptive (or someone) calls these handlers: a fixed
-cluster keeps spreading replicas and never sees a migration.
+Packing and compaction happen only while Adaptive asks for targets: a fixed cluster
+keeps spreading replicas (fewer lost with one worker) and sees a migration only when
+a worker that hosts replicas is retired.
 """
 from __future__ import annotations
 
 import asyncio
 import copy
-import inspect
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -63,19 +64,26 @@ class AdaptiveBridge:
 
     # -- installation -------------------------------------------------------------------
     def install(self) -> None:
-        for name, wrapper in (("adaptive_target", self.adaptive_target),
-                              ("retire_workers", self.retire_workers)):
-            original = self.scheduler.handlers.get(name)
-            if original is not None and name not in self._originals:
-                self._originals[name] = original
-                self.scheduler.handlers[name] = wrapper
+        """Wrap the scheduler's handlers (Adaptive and clients call those over RPC) and
+        its methods of the same names (the scheduler's HTTP API, which the Kubernetes
+        operator's autoscaler uses, calls those directly)."""
+        if self._originals:
+            return
+        self._originals = {"adaptive_target": self.scheduler.adaptive_target,
+                           "retire_workers": self.scheduler.retire_workers}
+        self.scheduler.handlers["adaptive_target"] = self.adaptive_target_rpc
+        self.scheduler.handlers["retire_workers"] = self.retire_workers
+        self.scheduler.adaptive_target = self.adaptive_target
+        self.scheduler.retire_workers = self.retire_workers
 
     def uninstall(self) -> None:
         for name, original in self._originals.items():
-            if self.scheduler.handlers.get(name) in (self.adaptive_target,
+            if vars(self.scheduler).get(name) in (self.adaptive_target, self.retire_workers):
+                delattr(self.scheduler, name)  # the class's method shows through again
+            if self.scheduler.handlers.get(name) in (self.adaptive_target_rpc,
                                                      self.retire_workers):
                 self.scheduler.handlers[name] = original
-        self._originals.clear()
+        self._originals = {}
         self.ledger.pack = False
 
     @property
@@ -84,12 +92,18 @@ class AdaptiveBridge:
             time.monotonic() - self._asked_at < ADAPTIVE_SEEN_S
 
     # -- the three handlers -----------------------------------------------------------
-    async def adaptive_target(self, **kwargs: Any) -> int:
+    def adaptive_target(self, *args: Any, **kwargs: Any) -> int:
         """Dask's own target, raised to what the replicas need."""
+        return max(self._originals["adaptive_target"](*args, **kwargs),
+                   self.workers_needed())
+
+    def adaptive_target_rpc(self, **kwargs: Any) -> int:
+        """``adaptive_target`` as Adaptive asks for it: a cluster adapts, so replicas
+        are packed from now on. (The scheduler's Prometheus metrics call the method
+        on every scrape, so only this handler counts as a sign of adapting.)"""
         self._asked_at = time.monotonic()
         self.ledger.pack = True
-        target = await _call(self._originals["adaptive_target"], **kwargs)
-        return max(target, self.workers_needed())
+        return self.adaptive_target(**kwargs)
 
     def valid_workers_downscaling(self, workers: list) -> list:
         """Drop workers that host replicas from the ones Dask may close."""
@@ -97,9 +111,10 @@ class AdaptiveBridge:
         return [ws for ws in workers
                 if ws.address not in booked or booked[ws.address].replicas == 0]
 
-    async def retire_workers(self, **kwargs: Any) -> Any:
+    async def retire_workers(self, *args: Any, **kwargs: Any) -> Any:
         """Migrate the replicas of the named workers, then let Dask retire them."""
-        leaving = self._named(kwargs.get("workers"), kwargs.get("names"))
+        leaving = self._named(args[0] if args else kwargs.get("workers"),
+                              kwargs.get("names"))
         hosting = [a for a in leaving
                    if a in self.ledger.workers and self.ledger.workers[a].replicas]
         for address in hosting:
@@ -108,7 +123,7 @@ class AdaptiveBridge:
             for address in hosting:
                 logger.info("worker %s is retiring: moving its replicas first", address)
                 await self._evacuate(address)
-            return await _call(self._originals["retire_workers"], **kwargs)
+            return await self._originals["retire_workers"](*args, **kwargs)
         finally:
             for address in hosting:  # still here: its retirement was refused
                 self.ledger.cordon(address, False)
@@ -179,8 +194,8 @@ class AdaptiveBridge:
         of their actors (retirement refuses a worker that still holds one)."""
         self._moving = True
         try:
-            for tag in list(self.desired.backends):
-                await self._migrate(tag, address)
+            await asyncio.gather(*(self._migrate(tag, address)
+                                   for tag in list(self.desired.backends)))
         finally:
             self._moving = False
         loop = asyncio.get_running_loop()
@@ -262,10 +277,3 @@ def _place(ledger: ResourceLedger, demand: dict[str, float]) -> bool:
         return False
     ledger.reserve(address, demand)
     return True
-
-
-async def _call(handler: Callable, **kwargs: Any) -> Any:
-    result = handler(**kwargs)
-    if inspect.isawaitable(result):
-        result = await result
-    return result

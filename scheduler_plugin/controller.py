@@ -185,6 +185,9 @@ class ServeController(SchedulerPlugin):
         errors = await self.replicas.reconcile(spec)
         if errors:
             logger.warning("backend %r: replicas failed to start: %s", spec.tag, errors[0])
+        if spec.tag not in self.desired.backends:
+            # Deleted while this scaled it: drain what reconcile may have started.
+            await self.replicas.remove_backend(spec.tag)
 
     async def _migrate(self, tag: str, worker: str) -> None:
         spec = self.desired.backends.get(tag)

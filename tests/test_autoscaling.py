@@ -136,3 +136,22 @@ def test_counts_by_hand_are_refused_and_bounds_move_the_count(serve_client):
     serve_client.update_backend_config("auto", {"num_replicas": 1})
     entry = serve_client.list_backends()["auto"]
     assert entry["num_replicas"] == 1 and entry["autoscaling"] is None
+
+
+def test_scales_from_zero_for_http_requests_waiting_in_the_proxy(serve_client, base_url):
+    """With ``min_replicas`` 0 a request waits in the proxy's router; the proxy's load
+    report brings a replica up, and the backend goes back to zero afterwards."""
+    import requests
+
+    serve_client.create_backend("lazy", sleepy, config={"autoscaling_config": {
+        "min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0,
+        "downscale_delay_s": 0.5}})
+    serve_client.create_endpoint("lazy", backend="lazy", route="/lazy")
+    assert serve_client.list_backends()["lazy"]["replicas"] == {}
+    reply = requests.get(f"{base_url}/lazy", timeout=TIMEOUT)
+    assert reply.status_code == 200 and reply.text == "done"
+    entry = serve_client.list_backends()["lazy"]
+    assert entry["autoscaling"]["last_decision"]["from"] == 0
+    wait_until(lambda: serve_client.list_backends()["lazy"]["replicas"] == {}, TIMEOUT,
+               interval=0.1, what="the backend to go back to zero replicas")
+    assert serve_client.list_backends()["lazy"]["num_replicas"] == 0

@@ -144,3 +144,50 @@ def test_load_book_sums_routers_and_forgets_silent_ones():
     book.record(None, {"a": 1}, now=5.0)
     book.record("odd2", ["a", 1], now=5.0)
     assert book.totals(now=5.0) == {}
+
+
+# -- adaptive clusters: how many workers replicas need, and which host can be emptied ---
+def bridge_with(workers: dict[str, float], replicas: list[tuple[str | None, dict]]):
+    """A bridge over a ledger of ``{address: CPUs}`` and replicas (worker or None for
+    pending, demand), booked as the controller books them."""
+    from scheduler_plugin.adaptive import AdaptiveBridge
+    from scheduler_plugin.placement import ResourceLedger
+    from scheduler_plugin.state import ObservedState, ReplicaState
+
+    ledger = ResourceLedger()
+    for address, cpus in workers.items():
+        ledger.add_worker(address, int(cpus), {}, 0)
+    observed = ObservedState()
+    for i, (worker, demand) in enumerate(replicas):
+        replica = ReplicaState(f"b#{i}", "b", demand)
+        if worker is not None:
+            replica.status, replica.worker = "running", worker
+            ledger.reserve(worker, demand)
+        observed.of("b").replicas[replica.tag] = replica
+    return AdaptiveBridge(None, ledger, DesiredState(), observed, None)
+
+
+def test_pending_replicas_ask_for_workers_shaped_like_the_ones_seen():
+    one = {"CPU": 1.0}
+    # Two hosts; three pending one-CPU replicas fill two more two-CPU workers.
+    bridge = bridge_with({"w1": 2, "w2": 2, "w3": 2},
+                         [("w1", one), ("w2", one), (None, one), (None, one), (None, one)])
+    assert bridge.workers_needed() == 4
+    # A replica no worker shape could ever host asks for nothing.
+    bridge = bridge_with({"w1": 2}, [("w1", one), (None, {"CPU": 1.0, "GPU": 1.0})])
+    assert bridge.workers_needed() == 1
+    # With no worker seen yet, one is asked for; its shape tells the rest.
+    assert bridge_with({}, [(None, one), (None, one)]).workers_needed() == 1
+    # Idle workers are Dask's to count, not the replicas'.
+    assert bridge_with({"w1": 2, "w2": 2}, [("w1", one)]).workers_needed() == 1
+
+
+def test_a_host_is_emptied_only_when_its_replicas_fit_on_the_others():
+    one = {"CPU": 1.0}
+    bridge = bridge_with({"w1": 2, "w2": 2}, [("w1", one), ("w2", one)])
+    assert bridge.compaction_candidate() in ("w1", "w2")
+    full = bridge_with({"w1": 2, "w2": 2}, [("w1", one), ("w1", one), ("w2", one)])
+    assert full.compaction_candidate() is None  # w1 is full; w2 cannot take two
+    assert bridge_with({"w1": 1, "w2": 1}, [("w1", one), ("w2", one)]) \
+        .compaction_candidate() is None
+    assert bridge_with({"w1": 2, "w2": 2}, [("w1", one)]).compaction_candidate() is None
