@@ -73,8 +73,7 @@ class LoadBook:
 class _Trend:
     direction: int      # +1: more replicas wanted, -1: fewer
     since: float        # when the wish started pointing this way
-    bound: int          # how far every wish since then agrees to go
-    load: float         # the load behind ``bound``, for the reason
+    load: float         # the least load since then going up, the most going down
 
 
 class ScalingPolicy:
@@ -84,9 +83,12 @@ class ScalingPolicy:
         self._trends: dict[str, _Trend] = {}
 
     @staticmethod
-    def wanted(load: float, auto: AutoscalingConfig) -> int:
-        return auto.clamp(math.ceil(load / auto.target_num_ongoing_requests_per_replica
-                                    - 1e-9))
+    def needed(load: float, auto: AutoscalingConfig) -> int:
+        return math.ceil(load / auto.target_num_ongoing_requests_per_replica - 1e-9)
+
+    @classmethod
+    def wanted(cls, load: float, auto: AutoscalingConfig) -> int:
+        return auto.clamp(cls.needed(load, auto))
 
     def decide(self, tag: str, now: float, current: int, load: float,
                auto: AutoscalingConfig) -> tuple[int, str] | None:
@@ -98,26 +100,35 @@ class ScalingPolicy:
         direction = 1 if want > current else -1
         trend = self._trends.get(tag)
         if trend is None or trend.direction != direction:
-            trend = self._trends[tag] = _Trend(direction, now, want, load)
-        elif (want < trend.bound) if direction > 0 else (want > trend.bound):
-            trend.bound, trend.load = want, load
+            trend = self._trends[tag] = _Trend(direction, now, load)
+        else:
+            trend.load = min(trend.load, load) if direction > 0 else max(trend.load, load)
         delay = auto.upscale_delay_s if direction > 0 else auto.downscale_delay_s
         if now - trend.since < delay:
             return None
         del self._trends[tag]
-        target = auto.target_num_ongoing_requests_per_replica
-        if direction > 0:
-            why = (f"load stayed at {trend.load:g} or more for {now - trend.since:.1f} s "
-                   f"(upscale_delay_s {auto.upscale_delay_s:g}): {target:g} per replica "
-                   f"needs {math.ceil(trend.load / target - 1e-9)}")
+        # Every wish since ``since`` agrees on the one made at the extreme load.
+        count = self.wanted(trend.load, auto)
+        return count, self._reason(trend, now - trend.since, count, auto)
+
+    def _reason(self, trend: _Trend, held: float, count: int,
+                auto: AutoscalingConfig) -> str:
+        if trend.direction > 0:
+            why = (f"load stayed at {trend.load:g} or more for {held:.1f} s "
+                   f"(upscale_delay_s {auto.upscale_delay_s:g})")
+        elif trend.load > 0:
+            why = (f"load stayed at {trend.load:g} or less for {held:.1f} s "
+                   f"(downscale_delay_s {auto.downscale_delay_s:g})")
         else:
-            why = (f"load stayed at {trend.load:g} or less for {now - trend.since:.1f} s "
-                   f"(downscale_delay_s {auto.downscale_delay_s:g}): {target:g} per "
-                   f"replica needs {math.ceil(trend.load / target - 1e-9)}")
-        if trend.bound in (auto.min_replicas, auto.max_replicas):
-            edge = "min_replicas" if trend.bound == auto.min_replicas else "max_replicas"
-            why += f", bounded by {edge} {trend.bound}"
-        return trend.bound, why
+            why = f"no load for {held:.1f} s (downscale_delay_s {auto.downscale_delay_s:g})"
+        needed = self.needed(trend.load, auto)
+        if trend.load > 0:
+            why += (f": at {auto.target_num_ongoing_requests_per_replica:g} per replica "
+                    f"that needs {needed}")
+        if needed != count:
+            edge = "max_replicas" if needed > count else "min_replicas"
+            why += f", bounded by {edge} {count}"
+        return why
 
     def forget(self, tag: str) -> None:
         self._trends.pop(tag, None)
