@@ -14,6 +14,8 @@ import time
 from collections import Counter
 
 import cloudpickle
+import dask
+import requests
 from distributed import Client, LocalCluster
 
 import daskserve as serve
@@ -67,9 +69,14 @@ class Callers:
 class Private:
     """A LocalCluster of its own with a serve instance (no HTTP)."""
 
-    def __init__(self, n_workers: int, threads_per_worker: int):
-        self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                                    processes=True, dashboard_address=":0")
+    def __init__(self, n_workers: int, threads_per_worker: int, http_api: bool = False):
+        routes = dask.config.get("distributed.scheduler.http.routes")
+        if http_api:  # the scheduler's HTTP API, as the Kubernetes operator uses it
+            routes = [*routes, "distributed.http.scheduler.api"]
+        with dask.config.set({"distributed.scheduler.http.routes": routes}):
+            self.cluster = LocalCluster(n_workers=n_workers,
+                                        threads_per_worker=threads_per_worker,
+                                        processes=True, dashboard_address="127.0.0.1:0")
         self.client = Client(self.cluster)
         self.serve = serve.start(self.client, http_options={"location": "NoServer"})
 
@@ -152,6 +159,38 @@ def test_retired_and_packed_workers_lose_no_request():
                    what="replicas packed onto 1 worker and the other retired")
         assert env.serve.list_backends()["b"]["replicas"] == {"running": 2}
         assert len(env.hosts()) == 1
+        callers.more_answers(20)
+    finally:
+        if callers is not None:
+            callers.stop()
+        env.close()
+    assert callers.counts["failed"] == 0, callers.errors[:5]
+
+
+def test_scheduler_http_api_counts_and_moves_replicas():
+    """The scheduler's HTTP API (what the Kubernetes operator's autoscaler calls)
+    asks the same questions as Adaptive and gets the same answers."""
+    env = Private(n_workers=2, threads_per_worker=2, http_api=True)
+    callers = None
+    try:
+        api = f"{env.cluster.dashboard_link.rsplit('/', 1)[0]}/api/v1"
+        # Five one-CPU replicas on two two-CPU workers: one waits for a third worker.
+        env.serve.create_backend("b", where, config={"num_replicas": 5})
+        env.serve.create_endpoint("b", backend="b")
+        assert env.serve.list_backends()["b"]["replicas"] == {"running": 4, "pending": 1}
+        assert requests.get(f"{api}/adaptive_target", timeout=TIMEOUT).json() == {"workers": 3}
+
+        # One replica, then two: a fixed cluster spreads them, one per worker.
+        env.serve.update_backend_config("b", {"num_replicas": 1})
+        env.serve.update_backend_config("b", {"num_replicas": 2})
+        callers = Callers(env.serve.get_handle("b"))
+        callers.more_answers(20)
+        leaving, staying = sorted(env.hosts())
+        reply = requests.post(f"{api}/retire_workers", json={"workers": [leaving]},
+                              timeout=TIMEOUT)
+        assert reply.status_code == 200 and leaving in reply.json(), reply.text
+        assert env.hosts() == {staying}
+        assert env.serve.list_backends()["b"]["replicas"] == {"running": 2}
         callers.more_answers(20)
     finally:
         if callers is not None:
