@@ -37,6 +37,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from .placement import EPSILON, ResourceLedger
+from .replicas import REPLICA_KEY_PREFIX
 from .state import DesiredState, ObservedState
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ ADAPTIVE_SEEN_S = 10.0   # Adaptive asks every second or so; after this, it stop
 COMPACT_EVERY_S = 2.0
 ACTOR_RELEASE_TIMEOUT_S = 10.0
 MAX_SHAPES = 16
-REPLICA_KEY_PREFIX = "daskserve-replica-"
 
 
 class AdaptiveBridge:
@@ -213,21 +213,27 @@ class AdaptiveBridge:
         """While a cluster adapts, empty workers whose replicas fit elsewhere."""
         while True:
             await asyncio.sleep(COMPACT_EVERY_S)
-            if not self.adapting:
-                self.ledger.pack = False
-                continue
-            if self._moving or not self._settled():
-                continue
-            address = self.compaction_candidate()
-            if address is None:
-                continue
-            logger.info("moving the replicas of %s onto workers that host others, so "
-                        "the adaptive cluster can retire it", address)
-            self.ledger.cordon(address)
             try:
-                await self._evacuate(address)
-            finally:
-                self.ledger.cordon(address, False)
+                await self._compact()
+            except Exception:  # one failed move must not end packing for good
+                logger.exception("moving replicas to empty a worker failed")
+
+    async def _compact(self) -> None:
+        if not self.adapting:
+            self.ledger.pack = False
+            return
+        if self._moving or not self._settled():
+            return
+        address = self.compaction_candidate()
+        if address is None:
+            return
+        logger.info("moving the replicas of %s onto workers that host others, so the "
+                    "adaptive cluster can retire it", address)
+        self.ledger.cordon(address)
+        try:
+            await self._evacuate(address)
+        finally:
+            self.ledger.cordon(address, False)
 
     def _settled(self) -> bool:
         """Nothing starts, drains or waits for a worker the cluster could add: the

@@ -163,7 +163,10 @@ class Autoscaler:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            self.tick(time.monotonic())
+            try:
+                self.tick(time.monotonic())
+            except Exception:  # a bad tick must not end autoscaling for good
+                logger.exception("autoscaling decision failed")
 
     def tick(self, now: float) -> None:
         self._loads = self.book.totals(now)

@@ -114,12 +114,12 @@ class ServeController(SchedulerPlugin):
                                      self._reconcile_backend, self._spawn)
         self.adaptive = AdaptiveBridge(scheduler, self.replicas.ledger, self.desired,
                                        self.observed, self._migrate)
-        self.adaptive.install()
-        self._spawn(self.autoscaler.run())
-        self._spawn(self.adaptive.run())
         self.proxies = ProxyFleet(scheduler, HTTPOptions(**self.http_options))
         await self.proxies.start()
         scheduler.handlers.update(self.handlers())
+        self.adaptive.install()
+        self._spawn(self.autoscaler.run())
+        self._spawn(self.adaptive.run())
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
         await self._workers_settled()

@@ -30,6 +30,7 @@ from .state import BackendReplicas, BackendSpec, ObservedState, ReplicaState
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 120.0
+REPLICA_KEY_PREFIX = "daskserve-replica-"  # Dask key of each replica's actor
 
 
 class ReplicaManager:
@@ -182,7 +183,7 @@ class ReplicaManager:
         future = client.submit(ActorHost, spec.tag, replica.tag, spec.code, spec.config,
                                env_vars, replica.gpu_slots, actor=True,
                                workers=[replica.worker], allow_other_workers=False,
-                               pure=False, key=f"daskserve-replica-{replica.tag}")
+                               pure=False, key=f"{REPLICA_KEY_PREFIX}{replica.tag}")
         replica.future = future
         try:
             await future
