@@ -112,7 +112,7 @@ class DesiredState:
                                  f"sets num_replicas itself; change min_replicas and "
                                  f"max_replicas instead, or turn autoscaling off with "
                                  f"autoscaling_config=None")
-            config["num_replicas"] = AutoscalingConfig(**auto).clamp(spec.num_replicas)
+            config["num_replicas"] = AutoscalingConfig.coerce(auto).clamp(spec.num_replicas)
         BackendConfig.validate_wire(config)
         old, spec.config = spec.config, config
         self._changed()

@@ -14,7 +14,8 @@ AUTO = {"min_replicas": 1, "max_replicas": 4, "target_num_ongoing_requests_per_r
 
 # -- config ---------------------------------------------------------------------------
 @pytest.mark.parametrize("fields, error, words", [
-    ({"min_replicas": 3, "max_replicas": 2}, ValueError, ["min_replicas (3)", "max_replicas (2)"]),
+    ({"min_replicas": 3, "max_replicas": 2}, ValueError,
+     ["min_replicas (3)", "max_replicas (2)"]),
     ({"min_replicas": -1}, ValueError, ["min_replicas", ">= 0"]),
     ({"max_replicas": 0}, ValueError, ["max_replicas", ">= 1"]),
     ({"target_num_ongoing_requests_per_replica": 0}, ValueError,
@@ -191,3 +192,14 @@ def test_a_host_is_emptied_only_when_its_replicas_fit_on_the_others():
     assert bridge_with({"w1": 1, "w2": 1}, [("w1", one), ("w2", one)]) \
         .compaction_candidate() is None
     assert bridge_with({"w1": 2, "w2": 2}, [("w1", one)]).compaction_candidate() is None
+
+
+def test_an_autoscaled_count_survives_a_checkpoint():
+    state = DesiredState()
+    state.add_backend("b", b"code", BackendConfig(autoscaling_config=AUTO).to_wire(), {})
+    state.set_num_replicas("b", 3)
+    restored = DesiredState.from_dict(state.to_dict())
+    assert restored.backend("b").num_replicas == 3
+    assert restored.backend("b").autoscaling == AutoscalingConfig(**AUTO)
+    with pytest.raises(ValueError, match="unknown autoscaling_config field"):
+        state.update_backend_config("b", {"autoscaling_config": {"most": 3}})
