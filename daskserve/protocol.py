@@ -42,6 +42,9 @@ class ControllerOp:
     ENV_PREPARE = "daskserve_env_prepare"        # client: which chunks of an archive to send
     ENV_HOLD = "daskserve_env_hold"              # client: keep these scattered chunks
     REPLICA_EXITED = "daskserve_replica_exited"  # worker: a replica's own process died
+    REPORT_LOAD = "daskserve_report_load"        # router: (listener, loads: LoadReport),
+    #   sent once per interval while a backend's load is nonzero or has just changed,
+    #   never per request; no answer is needed
 
 
 class WorkerOp:
@@ -119,6 +122,11 @@ class RoutingTable(TypedDict, total=False):
     endpoints: dict[str, EndpointRoute]
     backends: dict[str, BackendRoute]
     shutdown: bool
+
+
+# A router's load per backend: queries sent and unanswered plus those waiting for a
+# free replica ({backend tag: count}). Backends it omits count as 0 for it.
+LoadReport = dict
 
 
 # -- router -> replica ----------------------------------------------------------------

@@ -39,6 +39,7 @@ from . import pickling
 from .errors import (BackPressureError, EndpointNotFoundError, QueueTimeoutError,
                      ReplicaUnavailableError, SerializationError, ServeError)
 from .http_codec import error_response
+from .load_report import report_loads
 from .protocol import (CallMessage, CallReply, ControllerOp, RoutingTable, WireRequest,
                        WireResponse, WorkerOp)
 from .tasks import spawn
@@ -483,11 +484,16 @@ class Router:
         self._listener: asyncio.Task | None = None
         self._waiting: set[str] = set()  # backends whose queue may hold queries
         self._sweeper: asyncio.Future | None = None
+        self._reporter: asyncio.Future | None = None
 
     # -- table --------------------------------------------------------------------
     def start(self) -> None:
         if self._listener is None:
             self._listener = spawn(self._listen())
+            self._reporter = spawn(report_loads(self))
+
+    def controller_rpc(self) -> Any:
+        return self._pool(self.scheduler_address)
 
     async def _listen(self) -> None:
         listen = getattr(self._pool(self.scheduler_address), ControllerOp.LISTEN)
@@ -590,6 +596,11 @@ class Router:
             return 0
         return sum(link.in_flight for link in state.links) + state.queue.live()
 
+    def loads(self) -> dict[str, int]:
+        """``load`` of each backend that has any: what the controller autoscales by."""
+        loads = {tag: self.load(tag) for tag in self._backends}
+        return {tag: load for tag, load in loads.items() if load}
+
     def close(self, reason: str = "router closed") -> None:
         self.closed = True
         for backend in self._backends.values():
@@ -603,6 +614,8 @@ class Router:
         self._updated.set()
         if self._listener is not None and self._listener is not asyncio.current_task():
             self._listener.cancel()
+        if self._reporter is not None:
+            self._reporter.cancel()
 
     # -- dispatch -----------------------------------------------------------------
     def submit(self, query: Query) -> None:

@@ -32,6 +32,7 @@ from .state import BackendReplicas, BackendSpec, ObservedState, ReplicaState
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 120.0
+REPLICA_KEY_PREFIX = "daskserve-replica-"  # Dask key of each replica's actor
 
 
 class ReplicaManager:
@@ -139,6 +140,29 @@ class ReplicaManager:
             await self._scale(spec.tag, observed, target)
             return errors
 
+    async def migrate(self, spec: BackendSpec, worker: str) -> None:
+        """Move a backend's replicas off ``worker``: start each replacement elsewhere
+        first, then drain the old one, so the backend never has fewer replicas
+        running than before. The caller cordons ``worker`` so no replacement lands
+        there. A replacement that fits nowhere stays pending and the old replica still
+        drains (the worker is going anyway); routers hold its requests until then."""
+        async with self._locks[spec.tag]:
+            observed = self.observed.of(spec.tag)
+            leaving = [r for r in observed.live() if r.worker == worker]
+            if not leaving:
+                return
+            demand = spec.demand()
+            for _ in leaving:
+                tag = f"{spec.tag}#{uuid.uuid4().hex[:8]}"
+                observed.replicas[tag] = ReplicaState(tag, spec.tag, demand)
+            errors = await self._start_pending(spec, observed)
+            if errors:
+                observed.last_error = errors[-1]
+            for replica in leaving:
+                replica.status = "draining"
+            await self._publish()  # routers stop choosing them before they drain
+            await asyncio.gather(*(self._stop(observed, r) for r in leaving))
+
     async def _scale(self, tag: str, observed: BackendReplicas, target: int) -> None:
         """Drain the surplus over ``target``, least advanced replicas first."""
         live = observed.live()
@@ -183,7 +207,7 @@ class ReplicaManager:
             host, args = EnvHost, (*args, spec.replica_options["env"])
         future = client.submit(host, *args, actor=True,
                                workers=[replica.worker], allow_other_workers=False,
-                               pure=False, key=f"daskserve-replica-{replica.tag}")
+                               pure=False, key=f"{REPLICA_KEY_PREFIX}{replica.tag}")
         replica.future = future
         try:
             await future

@@ -26,6 +26,8 @@ EXPECTED = {
     "gpu_placement.py": ["model_a RUNNING", "model_b RUNNING", "model_c PENDING",
                          "'backend': 'model_a'"],
     "composition.py": ["{'x': 3.0, 'scores': [7.0, 9.0], 'mean': 8.0}"],
+    "autoscaling.py": ["under load: 3 replicas on 3 workers",
+                       "after the load: 1 replica on 1 worker", "failed requests: 0"],
     "slurm_jobqueue.py": ["{'y': 6.0}", "replicas answer from 2 SLURM job(s)",
                           "after scale(jobs=1): replicas answer from 1 SLURM job(s)",
                           "{'running': 2}"],
