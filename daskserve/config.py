@@ -233,6 +233,7 @@ class HTTPOptions:
     header_timeout_s: float = 10.0
     keep_alive_timeout_s: float = 5.0
     body_timeout_s: float = 60.0
+    access_log: bool = False  # one JSON line per request on the "daskserve.access" logger
 
     def __post_init__(self) -> None:
         _check_type("http_options.host", self.host, (str,), "a string")
@@ -258,6 +259,7 @@ class HTTPOptions:
         for name in ("header_timeout_s", "keep_alive_timeout_s", "body_timeout_s"):
             _check_number(f"http_options.{name}", getattr(self, name), minimum=0,
                           allow_equal=False)
+        _check_type("http_options.access_log", self.access_log, (bool,), "True or False")
 
     @classmethod
     def coerce(cls, value: Mapping[str, Any] | None) -> "HTTPOptions":

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from . import context
+from . import context, metrics
 from .batching import BatchQueue, accepts_batch
 from .config import BackendConfig
 from .http_codec import build_request, encode_result, exception_response
@@ -96,6 +96,7 @@ class ReplicaExecutor:
         self._tickets: dict[int, tuple[dict[int, asyncio.Future], int]] = {}
         self._ticket_ids = itertools.count()
         self._idle: asyncio.Event | None = None
+        metrics.instrument_replica(self)  # observability; before any method is resolved
         if self._config.max_batch_size is not None and not self._method("__call__").batch:
             raise ValueError(
                 f"backend {backend_tag!r} sets max_batch_size but its handler is not "

@@ -25,6 +25,7 @@ import cloudpickle
 from distributed.comm.core import CommClosedError
 from distributed.core import ConnectionPool, send_recv
 
+from . import metrics
 from .errors import EndpointNotFoundError, ReplicaUnavailableError, ServeError
 from .http_codec import error_response
 from .protocol import (CallMessage, CallReply, ControllerOp, RoutingTable, WireRequest,
@@ -41,7 +42,7 @@ class Query:
     """One request on its way to a replica: an HTTP message or a handle call."""
 
     __slots__ = ("endpoint", "backend", "wire", "method", "args", "kwargs", "shard_key",
-                 "future", "excluded", "attempts")
+                 "future", "excluded", "attempts", "trace")
 
     def __init__(self, endpoint: str, *, wire: WireRequest | None = None,
                  method: str = "__call__",
@@ -57,6 +58,7 @@ class Query:
         self.future = future  # None for shadow copies: nobody waits for them
         self.excluded: set[str] = set()
         self.attempts = 0
+        self.trace = metrics.access_trace() if future is not None else None  # observability
 
     def shadow_copy(self, backend: str) -> "Query":
         copy = Query(self.endpoint, wire=self.wire, method=self.method, args=self.args,
@@ -119,6 +121,8 @@ class ReplicaLink:
             connecting.cancel()
 
     def send(self, query: Query) -> None:
+        if query.trace is not None:  # observability: the access log names the replica
+            query.trace.note(self.backend, self.tag)
         self.in_flight += 1
         self._pending.append(query)
         if not self._flush_scheduled:
@@ -271,6 +275,7 @@ class Router:
         self._links: dict[str, ReplicaLink] = {}
         self._updated = asyncio.Event()
         self._listener: asyncio.Task | None = None
+        metrics.track_router(self)  # observability: scrapes read its queues
 
     # -- table --------------------------------------------------------------------
     def start(self) -> None:
@@ -390,6 +395,7 @@ class Router:
         if self.closed:
             query.fail(ServeError("this serve instance was shut down"))
             return
+        metrics.router_request(self, query.endpoint)  # observability
         endpoint = self._route(query)
         if endpoint is not None:
             for backend in endpoint.policy.shadow_targets():

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import cloudpickle
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from . import metrics
 from .config import HTTPOptions
 from .executor import ReplicaExecutor
 from .protocol import CallReply, UpdateReply, WireRequest, WorkerOp
@@ -55,7 +56,8 @@ class ServeWorkerPlugin(WorkerPlugin):
         return {WorkerOp.CALL: self.call, WorkerOp.COLLECT: self.collect,
                 WorkerOp.UPDATE: self.update, WorkerOp.DRAIN: self.drain,
                 WorkerOp.LOCATE: self.locate,
-                WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy}
+                WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy,
+                WorkerOp.METRICS: metrics.worker_snapshot}  # observability
 
     @classmethod
     def on(cls, worker: Any) -> "ServeWorkerPlugin":
@@ -77,6 +79,7 @@ class ServeWorkerPlugin(WorkerPlugin):
     def remove_replica(self, replica: str) -> None:
         self.executors.pop(replica, None)
         self._environment.remove(replica)
+        metrics.forget_replica(replica)  # observability: its series go with it
 
     # -- handlers: router -> replica ----------------------------------------------------
     async def call(self, replica: str, http: list[WireRequest] | None = None,

@@ -38,6 +38,7 @@ from daskserve.worker_plugin import PLUGIN_NAME as WORKER_PLUGIN_NAME
 from daskserve.worker_plugin import ServeWorkerPlugin
 
 from .checkpoint import CheckpointStore
+from .dashboard import ServeObservability
 from .proxies import ProxyFleet
 from .replicas import ReplicaManager
 from .state import ObservedState, describe_backend, routing_table
@@ -105,6 +106,7 @@ class ServeController(SchedulerPlugin):
         self.proxies = ProxyFleet(scheduler, HTTPOptions(**self.http_options))
         await self.proxies.start()
         scheduler.handlers.update(self.handlers())
+        self.observability = await ServeObservability(self).start()  # metrics, /serve page
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
         await self._workers_settled()
@@ -328,6 +330,7 @@ class ServeController(SchedulerPlugin):
         for task in list(self._background):
             task.cancel()
         await self.replicas.close()
+        await self.observability.stop()  # observability
         if WORKER_PLUGIN_NAME in self.scheduler.worker_plugins:
             await self.scheduler.unregister_worker_plugin(None, name=WORKER_PLUGIN_NAME)
         for name in self.handlers():
