@@ -27,6 +27,7 @@ becomes a label.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -56,8 +57,10 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # process (``LocalCluster(processes=False)``) is not counted twice.
 PROCESS_ID = uuid.uuid4().hex
 
-LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
-                      30000, 60000)
+# Every bucket is a series per replica and histogram: few enough that a scrape of
+# hundreds of replicas stays cheap (benchmarks/metrics_scrape.py), fine enough below
+# a second where serving latencies live.
+LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 30000)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 # -- proxy ------------------------------------------------------------------------------
@@ -481,29 +484,45 @@ def snapshot(names: Iterable[str] | None = None) -> list[list]:
 
 
 async def worker_snapshot(names: list[str] | None = None) -> dict[str, Any]:
-    """``WorkerOp.METRICS``: this worker process's snapshot, GPUs included."""
-    return {"process": PROCESS_ID, "families": snapshot(names),
-            "gpus": gpu_snapshot() if names is None else []}
+    """``WorkerOp.METRICS``: this worker process's snapshot, GPUs included.
+
+    Taken in a thread: with many replicas it takes milliseconds, which the worker's
+    event loop, serving those replicas, should not stall for (prometheus-client's
+    values are thread-safe, and the gauges only read).
+    """
+    loop = asyncio.get_running_loop()
+    families = await loop.run_in_executor(None, snapshot, names)
+    gpus = await loop.run_in_executor(None, gpu_snapshot) if names is None else []
+    return {"process": PROCESS_ID, "families": families, "gpus": gpus}
 
 
 def merge(snapshots: Iterable[list[list]]) -> list[Metric]:
     """One family per name from several processes' snapshots; samples with equal
     names and labels are summed (see the module docstring)."""
-    merged: dict[str, tuple[str, str, dict]] = {}
+    parts: dict[str, tuple[str, str, list]] = {}
     for families in snapshots:
         for name, kind, doc, samples in families:
-            entry = merged.get(name)
+            entry = parts.get(name)
             if entry is None:
-                entry = merged[name] = (kind, doc, {})
-            values = entry[2]
-            for sample_name, labels, value in samples:
-                key = (sample_name, tuple(labels.items()))
-                values[key] = values.get(key, 0.0) + value
+                entry = parts[name] = (kind, doc, [])
+            entry[2].append(samples)
     out = []
-    for name, (kind, doc, values) in merged.items():
+    for name, (kind, doc, sources) in parts.items():
         metric = Metric(name, doc, kind)
-        metric.samples = [Sample(sample_name, dict(labels), value)
-                          for (sample_name, labels), value in values.items()]
+        if len(sources) == 1 or all(labels.get("replica") for samples in sources
+                                    for _, labels, _ in samples):
+            # One process, or series of replicas (each lives in one process): no two
+            # samples share labels, so there is nothing to sum. The usual case.
+            metric.samples = [Sample(n, labels, value) for samples in sources
+                              for n, labels, value in samples]
+        else:
+            values: dict[tuple, float] = {}
+            for samples in sources:
+                for sample_name, labels, value in samples:
+                    key = (sample_name, tuple(labels.items()))
+                    values[key] = values.get(key, 0.0) + value
+            metric.samples = [Sample(sample_name, dict(labels), value)
+                              for (sample_name, labels), value in values.items()]
         out.append(metric)
     return out
 

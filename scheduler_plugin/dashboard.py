@@ -83,9 +83,11 @@ class ServeObservability:
             call = getattr(self.scheduler.rpc(address), WorkerOp.METRICS)(names=names)
             return await asyncio.wait_for(call, WORKER_TIMEOUT_S)
 
+        loop = asyncio.get_running_loop()
+        local = loop.run_in_executor(None, metrics.snapshot, names)  # see ``families``
         answers = await asyncio.gather(*(ask(a) for a in addresses), return_exceptions=True)
         seen = {metrics.PROCESS_ID}
-        snapshots = [metrics.snapshot(names)]
+        snapshots = [await local]
         gpus: dict[str, list] = {}
         unanswered = []
         for address, answer in zip(addresses, answers):
@@ -102,8 +104,16 @@ class ServeObservability:
         return snapshots, gpus, unanswered
 
     async def families(self) -> tuple[list, dict, list]:
+        """The instance's merged metric families.
+
+        Merging hundreds of replicas' series takes a while (benchmarks/
+        metrics_scrape.py); it runs in a thread, so the scheduler's event loop (and a
+        HeadOnly proxy on it) keeps its turn every few milliseconds instead of waiting
+        for the whole merge.
+        """
         snapshots, gpus, unanswered = await self.gather()
-        merged = metrics.merge([*snapshots, metrics.gpu_families(gpus)])
+        merged = await asyncio.get_running_loop().run_in_executor(
+            None, metrics.merge, [*snapshots, metrics.gpu_families(gpus)])
         missing = GaugeMetricFamily("serve_metrics_unanswered_workers", "Workers whose "
                                     "metrics this scrape lacks: they did not answer within "
                                     f"{WORKER_TIMEOUT_S}s")
@@ -114,7 +124,7 @@ class ServeObservability:
     async def exposition(self) -> bytes:
         """``ControllerOp.METRICS``: the whole instance in Prometheus text format."""
         merged, _, _ = await self.families()
-        return metrics.text(merged)
+        return await asyncio.get_running_loop().run_in_executor(None, metrics.text, merged)
 
     # -- traffic history ------------------------------------------------------------------
     async def _sample_forever(self) -> None:

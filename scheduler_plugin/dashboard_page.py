@@ -136,6 +136,10 @@ function chart(id, title, now, span, series, unit) {
     });
     ctx.stroke();
     ctx.fillStyle = ctx.strokeStyle;
+    s.xs.forEach((t, j) => {  // dots too: a lone sample draws no line
+      const v = s.ys[j];
+      if (v !== null && now - t <= span) ctx.fillRect(x(t) - 1.5, y(v) - 1.5, 3, 3);
+    });
     ctx.fillText(s.label, L + 6 + i * 60, T);
   });
 }
