@@ -221,6 +221,9 @@ class HTTPOptions:
       sent; raise it with ``max_body_size`` for large uploads over slow links.
     - ``max_body_size`` (100 MiB) and ``request_timeout_s`` (none) bound what one
       request may send and how long its answer may take (413 and 504).
+    - ``access_log`` (off): one JSON line per request on the ``daskserve.access``
+      logger. Off by default because a busy proxy would write thousands of lines a
+      second that most deployments already get from their load balancer.
     """
 
     host: str = "127.0.0.1"
