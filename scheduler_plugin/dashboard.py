@@ -42,7 +42,7 @@ from .state import describe_backend
 
 logger = logging.getLogger(__name__)
 
-WORKER_TIMEOUT_S = 2.0
+WORKER_TIMEOUT_S = 5.0
 SAMPLE_S = 2.0
 HISTORY_S = 300.0
 LATENCY = "serve_http_request_latency_ms"
