@@ -57,6 +57,7 @@ class ServeObservability:
         self.history: deque[tuple[float, dict[str, tuple[float, list]]]] = deque(
             maxlen=int(HISTORY_S / SAMPLE_S) + 1)
         self._sampler: asyncio.Task | None = None
+        self._merging: asyncio.Future | None = None
 
     async def start(self) -> "ServeObservability":
         self.scheduler.handlers[ControllerOp.METRICS] = self.exposition
@@ -106,11 +107,25 @@ class ServeObservability:
     async def families(self) -> tuple[list, dict, list]:
         """The instance's merged metric families.
 
-        Merging hundreds of replicas' series takes a while (benchmarks/
+        Scrapes that arrive while one is being gathered share it: ``/-/metrics`` is
+        open to every HTTP client of a proxy, and however many ask at once, the
+        workers are asked once at a time.
+        """
+        merging = self._merging
+        if merging is None:
+            merging = self._merging = asyncio.ensure_future(self._families())
+            merging.add_done_callback(self._merged)
+        return await asyncio.shield(merging)
+
+    def _merged(self, future: asyncio.Future) -> None:
+        if self._merging is future:
+            self._merging = None
+
+    async def _families(self) -> tuple[list, dict, list]:
+        """Merging hundreds of replicas' series takes a while (benchmarks/
         metrics_scrape.py); it runs in a thread, so the scheduler's event loop (and a
         HeadOnly proxy on it) keeps its turn every few milliseconds instead of waiting
-        for the whole merge.
-        """
+        for the whole merge."""
         snapshots, gpus, unanswered = await self.gather()
         merged = await asyncio.get_running_loop().run_in_executor(
             None, metrics.merge, [*snapshots, metrics.gpu_families(gpus)])
