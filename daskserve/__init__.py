@@ -8,13 +8,17 @@ from .batching import accept_batch
 from .client import ServeClient
 from .config import BackendConfig
 from .context import get_replica_context
-from .errors import EndpointNotFoundError, ServeError
+from .envs import EnvError, PackedEnv
+from .errors import (BackPressureError, EndpointNotFoundError, QueueTimeoutError,
+                     SerializationError, ServeError)
 from .handle import AsyncServeHandle, ServeHandle
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncServeHandle", "BackendConfig", "EndpointNotFoundError", "ServeClient", "ServeError", "ServeHandle", "accept_batch",
+    "AsyncServeHandle", "BackPressureError", "BackendConfig", "EndpointNotFoundError",
+    "EnvError", "PackedEnv", "QueueTimeoutError", "SerializationError", "ServeClient",
+    "ServeError", "ServeHandle", "accept_batch",
     "connect", "create_backend", "create_endpoint", "delete_backend", "delete_endpoint",
     "get_backend_config", "get_handle", "get_replica_context", "list_backends",
     "list_endpoints", "set_traffic", "shadow_traffic", "shutdown", "start",

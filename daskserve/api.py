@@ -87,7 +87,11 @@ def _check_http_options(asked: Mapping[str, Any] | HTTPOptions, options: HTTPOpt
 def connect(dask_client: Client | None = None) -> ServeClient:
     """Attach to a running instance; inside a replica, to that replica's instance."""
     if dask_client is None:
-        dask_client = get_client() if current_replica() is not None else Client.current()
+        replica = current_replica()
+        # By address: a packed env's replica process has no worker to ask, so this
+        # makes it a client of its own.
+        dask_client = (get_client(replica.scheduler_address, resolve_address=False)
+                       if replica is not None else Client.current())
     return _set_current(ServeClient(dask_client))
 
 

@@ -56,6 +56,8 @@ class ServeClient:
 
         Returns once its replicas run, or raises the first replica's start error. A
         replica that fits on no worker yet stays pending (see ``list_backends``).
+        With ``replica_options={"env": serve.PackedEnv(...)}`` the archive is first
+        shipped into the cluster, unless it is there already.
         """
         if not isinstance(func_or_class, str) and not callable(func_or_class):
             raise TypeError(f"backend must be a function, a class or an import path "
@@ -65,6 +67,8 @@ class ServeClient:
         backend_config = BackendConfig.coerce(config)
         options = ReplicaOptions.coerce(replica_options)
         spec = cloudpickle.dumps((func_or_class, init_args))
+        if options.env is not None and hasattr(options.env, "upload"):
+            options.env.upload(self.dask_client)  # only chunks the cluster lacks
         self._change(ControllerOp.CREATE_BACKEND, tag=backend_tag, spec=spec,
                      config=backend_config.to_wire(), replica_options=options.to_dict())
 

@@ -45,6 +45,78 @@ def _reject_unknown(kind: str, given: Mapping[str, Any], known: set[str]) -> Non
         )
 
 
+class _ChosenCount(int):
+    """A replica count nobody wrote by hand: the default, or one the controller chose.
+
+    With ``autoscaling_config`` the controller owns ``num_replicas``, and a count the
+    user wrote is refused; counts of this type pass, so a config fetched with
+    ``get_backend_config`` can be edited and sent back whole.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+class _UnsetCount(_ChosenCount):
+    """The default count: an autoscaling backend starts at ``min_replicas`` instead."""
+
+    __slots__ = ()
+
+
+@dataclass
+class AutoscalingConfig:
+    """Bounds and pace for a backend whose replica count follows its load.
+
+    ``target_num_ongoing_requests_per_replica`` counts requests in flight plus those
+    waiting in routers; the controller asks for ``ceil(load / target)`` replicas.
+    A change waits until the wish has pointed the same way for the whole delay
+    (``upscale_delay_s`` up, ``downscale_delay_s`` down), and then goes only as far as
+    every wish of that period agrees, so one burst or one quiet moment moves nothing.
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 10
+    target_num_ongoing_requests_per_replica: float = 2.0
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_number("autoscaling_config.min_replicas", self.min_replicas, minimum=0,
+                      integer=True)
+        _check_number("autoscaling_config.max_replicas", self.max_replicas, minimum=1,
+                      integer=True)
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"autoscaling_config.min_replicas ({self.min_replicas}) exceeds "
+                f"autoscaling_config.max_replicas ({self.max_replicas})")
+        _check_number("autoscaling_config.target_num_ongoing_requests_per_replica",
+                      self.target_num_ongoing_requests_per_replica, minimum=0,
+                      allow_equal=False)
+        _check_number("autoscaling_config.upscale_delay_s", self.upscale_delay_s, minimum=0)
+        _check_number("autoscaling_config.downscale_delay_s", self.downscale_delay_s,
+                      minimum=0)
+
+    @classmethod
+    def coerce(cls, value: Any) -> "AutoscalingConfig":
+        if isinstance(value, cls):
+            return cls(**asdict(value))
+        if not isinstance(value, Mapping):
+            raise TypeError(f"autoscaling_config must be a dict, got "
+                            f"{type(value).__name__} {value!r}")
+        _reject_unknown("autoscaling_config", value, {f.name for f in fields(cls)})
+        return cls(**value)
+
+    def clamp(self, count: int) -> int:
+        return min(max(int(count), self.min_replicas), self.max_replicas)
+
+
+_BOTH_SET = ("num_replicas and autoscaling_config are both set: with autoscaling_config "
+             "the controller sets num_replicas itself, between min_replicas and "
+             "max_replicas; give only one of them")
+
+
 @dataclass
 class BackendConfig:
     """How a backend's replicas behave: count, batching, concurrency, user config.
@@ -52,21 +124,41 @@ class BackendConfig:
     Validation happens in ``__post_init__``, which the controller also runs on the
     result of every partial update it merges, so a partially updated config can
     never hold an invalid combination.
+
+    Two fields bound what waits in each router when every replica is at
+    ``max_concurrent_queries`` (or none runs), so that a backend that cannot keep up
+    makes callers fail fast instead of piling up memory and latency:
+
+    - ``max_queued_requests`` (-1, unbounded): past it a request is refused at once
+      (HTTP 503 with ``Retry-After``; handles raise ``BackPressureError``).
+    - ``queue_timeout_s`` (30 s; None waits without bound): a request that waited
+      this long fails (HTTP 503; handles raise ``QueueTimeoutError``). Raise it for
+      backends whose replicas may take long to appear, such as on a cluster that
+      must first grow.
     """
 
-    num_replicas: int = 1
+    num_replicas: int = _UnsetCount(1)
     max_batch_size: int | None = None
     batch_wait_timeout: float = 0.0
     max_concurrent_queries: int = 100
     user_config: Any = None
+    max_queued_requests: int = -1
+    queue_timeout_s: float | None = 30.0
+    autoscaling_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_number("num_replicas", self.num_replicas, minimum=0, integer=True)
+        self._settle_autoscaling()
         if self.max_batch_size is not None:
             _check_number("max_batch_size", self.max_batch_size, minimum=1, integer=True)
         _check_number("batch_wait_timeout", self.batch_wait_timeout, minimum=0)
         _check_number("max_concurrent_queries", self.max_concurrent_queries,
                       minimum=1, integer=True)
+        _check_number("max_queued_requests", self.max_queued_requests, minimum=-1,
+                      integer=True)
+        if self.queue_timeout_s is not None:
+            _check_number("queue_timeout_s", self.queue_timeout_s, minimum=0,
+                          allow_equal=False)
         if self.max_batch_size is not None and self.max_batch_size > self.max_concurrent_queries:
             # A batch can only fill with requests the router lets through; refusing
             # beats silently capping every batch at the concurrency limit.
@@ -94,11 +186,26 @@ class BackendConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def _settle_autoscaling(self) -> None:
+        """Check ``autoscaling_config`` against the count; runs again in ``to_wire``
+        because either field may have been assigned after construction."""
+        if self.autoscaling_config is None:
+            return
+        auto = AutoscalingConfig.coerce(self.autoscaling_config)
+        if not isinstance(self.num_replicas, _ChosenCount):
+            raise ValueError(_BOTH_SET)
+        self.autoscaling_config = asdict(auto)
+        start = auto.min_replicas if type(self.num_replicas) is _UnsetCount \
+            else self.num_replicas
+        self.num_replicas = _ChosenCount(auto.clamp(start))
+
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-safe dict; ``user_config`` may be any Python object, so it is
         pickled here, by the trusted Python caller, and unpickled only in replicas
         and clients — never by the controller."""
+        self._settle_autoscaling()
         wire = asdict(self)
+        wire["num_replicas"] = int(self.num_replicas)
         wire["user_config"] = cloudpickle.dumps(self.user_config)
         return wire
 
@@ -112,6 +219,11 @@ class BackendConfig:
             )
         _reject_unknown("BackendConfig", changes, {f.name for f in fields(cls)})
         wire = dict(changes)
+        if wire.get("autoscaling_config") is not None:
+            if "num_replicas" in wire:
+                raise ValueError(_BOTH_SET)
+            wire["autoscaling_config"] = asdict(
+                AutoscalingConfig.coerce(wire["autoscaling_config"]))
         if "user_config" in wire:
             wire["user_config"] = cloudpickle.dumps(wire["user_config"])
         return wire
@@ -122,11 +234,35 @@ class BackendConfig:
         if not isinstance(wire, Mapping) or not isinstance(wire.get("user_config"), bytes):
             raise TypeError("config must be a BackendConfig in wire form")
         _reject_unknown("BackendConfig", wire, {f.name for f in fields(cls)})
-        cls(**{**wire, "user_config": None})
+        config = cls._of_wire(wire, None)
+        count = wire.get("num_replicas")
+        if config.autoscaling_config is not None and count != config.num_replicas:
+            auto = config.autoscaling_config
+            raise ValueError(f"num_replicas ({count}) is outside autoscaling_config's "
+                             f"[min_replicas, max_replicas] = "
+                             f"[{auto['min_replicas']}, {auto['max_replicas']}]")
+
+    @classmethod
+    def queue_limits(cls, wire: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields routers apply to their wait queues (``protocol.BackendRoute``);
+        a config stored before they existed gets their defaults."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        return {name: wire.get(name, defaults[name])
+                for name in ("max_queued_requests", "queue_timeout_s")}
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> "BackendConfig":
-        return cls(**{**wire, "user_config": cloudpickle.loads(wire["user_config"])})
+        return cls._of_wire(wire, cloudpickle.loads(wire["user_config"]))
+
+    @classmethod
+    def _of_wire(cls, wire: Mapping[str, Any], user_config: Any) -> "BackendConfig":
+        """A config as the controller keeps it: with autoscaling, its count is the
+        controller's choice, not one written by hand."""
+        fields_ = {**wire, "user_config": user_config}
+        if fields_.get("autoscaling_config") is not None and \
+                type(fields_.get("num_replicas")) is int:
+            fields_["num_replicas"] = _ChosenCount(fields_["num_replicas"])
+        return cls(**fields_)
 
 
 @dataclass
@@ -159,9 +295,9 @@ class ReplicaOptions:
             _check_type("replica_options.env_vars key", key, (str,), "a string")
             _check_type(f"replica_options.env_vars[{key!r}]", val, (str,), "a string")
         if self.env is not None:
-            raise ValueError(
-                "replica_options.env (packed environments) is not supported yet: "
-                "replicas run in the worker's own environment; leave env unset")
+            from .envs.spec import coerce_env
+
+            coerce_env(self.env)  # a serve.PackedEnv, or its wire form on the controller
 
     @classmethod
     def coerce(cls, value: Mapping[str, Any] | None) -> "ReplicaOptions":
@@ -189,8 +325,13 @@ class ReplicaOptions:
         return env
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                "resources": dict(self.resources), "env_vars": dict(self.env_vars)}
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                   "resources": dict(self.resources), "env_vars": dict(self.env_vars)}
+        if self.env is not None:
+            from .envs.spec import coerce_env
+
+            options["env"] = coerce_env(self.env).to_wire()
+        return options
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""Exceptions that cross the API boundary with a name users can catch."""
+"""Exceptions that cross the API boundary with a name users can catch.
+
+Each may be raised inside a replica (a handle call from one backend to another) and
+travel back to a caller as a pickle, so each pickles with the arguments its
+``__init__`` takes: one whose ``__init__`` took other arguments than it passed to
+``Exception`` would fail to unpickle in the caller.
+"""
 from __future__ import annotations
 
 import cloudpickle
@@ -15,6 +21,39 @@ class ReplicaUnavailableError(ServeError):
         super().__init__(f"replica {replica!r} of backend {backend!r} failed: {reason}")
         self.backend = backend
         self.replica = replica
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (self.backend, self.replica, self.reason)
+
+
+class BackPressureError(ServeError):
+    """A backend cannot take the request now; retrying later may succeed.
+
+    Raised at once when the router already holds ``max_queued_requests`` requests
+    waiting for the backend (HTTP: 503 with ``Retry-After``).
+    """
+
+    def __init__(self, backend: str, message: str):
+        super().__init__(message)
+        self.backend = backend
+
+    def __reduce__(self):
+        return type(self), (self.backend, str(self))
+
+
+class QueueTimeoutError(BackPressureError):
+    """A request waited ``queue_timeout_s`` in a router without a replica to take it:
+    the backend has no running replica, or all of them stayed busy."""
+
+
+class SerializationError(ServeError, TypeError):
+    """A handle call's arguments, result or exception could not be pickled or
+    unpickled on its way; only that call fails.
+
+    It is a ``TypeError``, as pickle's own "cannot pickle" errors are, so code that
+    caught those keeps working.
+    """
 
 
 class ReplicaConfigError(ServeError):
@@ -59,4 +98,3 @@ class EndpointNotFoundError(ServeError, KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
-

@@ -17,25 +17,34 @@ import contextvars
 import functools
 import importlib
 import inspect
-import itertools
 import logging
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import cloudpickle
+import dask
+from dask.utils import parse_timedelta
 
 from . import context, metrics
 from .batching import BatchQueue, accepts_batch
 from .config import BackendConfig
+from .errors import ServeError
 from .http_codec import build_request, encode_result, exception_response
 from .protocol import WireRequest, WireResponse
+from .tasks import spawn
 from .thread_hop import ThreadHop
 
 logger = logging.getLogger(__name__)
 
 STRAGGLER_GRACE_S = 0.002
+# How long results may wait for a router to collect them (Dask config
+# ``daskserve.uncollected-result-ttl``): a live router collects at once, so a longer
+# wait means it is gone.
+UNCOLLECTED_RESULT_TTL_S = 30.0
+_NONE: frozenset[int] = frozenset()
 # What a replica returns for a message: HTTP results as [index, response] pairs,
 # handle-call results as (index, ok, value), and a ticket if some are still running.
 Outcome = tuple[list, list, "int | None"]
@@ -54,6 +63,28 @@ def import_attr(path: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def uncollected_result_ttl() -> float:
+    value = dask.config.get("daskserve.uncollected-result-ttl", UNCOLLECTED_RESULT_TTL_S)
+    return parse_timedelta(value, default="seconds")
+
+
+class _Ticket:
+    """A message's requests whose results its router has not collected yet."""
+
+    __slots__ = ("tasks", "n_http", "collecting", "idle_since", "wake")
+
+    def __init__(self, tasks: dict[int, asyncio.Future], n_http: int):
+        self.tasks = tasks            # index in the message -> running request
+        self.n_http = n_http
+        self.collecting = False       # a CALL or COLLECT is waiting on it now
+        self.idle_since = 0.0         # when the last one returned
+        self.wake: asyncio.Future | None = None
+
+    def wake_collector(self) -> None:
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
 
 
 @dataclass
@@ -91,10 +122,15 @@ class ReplicaExecutor:
         self._pool = self._new_pool()
         self._hop = ThreadHop(self._loop)
         self._methods: dict[str, _Method] = {}
-        self.in_flight = 0  # requests whose results no router has received yet
+        self.in_flight = 0  # requests whose results some router still waits for
         self.draining = False
-        self._tickets: dict[int, tuple[dict[int, asyncio.Future], int]] = {}
-        self._ticket_ids = itertools.count()
+        self._tickets: dict[int, _Ticket] = {}
+        self._inline: dict[int, asyncio.Task] = {}  # ticket -> task running it inline
+        self._inline_cancelled: set[int] = set()
+        # Cancels that came before their message (or after its end), and when.
+        self._early_cancels: dict[int, tuple[list[int], list[int], float]] = {}
+        self._result_ttl = uncollected_result_ttl()
+        self._sweeper: asyncio.Future | None = None
         self._idle: asyncio.Event | None = None
         metrics.instrument_replica(self)  # observability; before any method is resolved
         if self._config.max_batch_size is not None and not self._method("__call__").batch:
@@ -175,46 +211,122 @@ class ReplicaExecutor:
                              f"{self.context.replica_tag!r}:\n{traceback.format_exc()}")
             return False, exc
 
-    async def handle(self, http: list[WireRequest], calls: list[tuple]) -> Outcome:
+    async def handle(self, ticket: int, http: list[WireRequest], calls: list[tuple]) -> Outcome:
         """Start one coalesced message (HTTP requests and handle calls together) and
-        return its first results; see ``_first_results`` for the rest."""
+        return its first results; the rest stay under ``ticket`` for ``collect``."""
+        n_http = len(http)
+        total = n_http + len(calls)
+        skip: frozenset[int] | set[int] = _NONE
+        if self._early_cancels and ticket in self._early_cancels:
+            # Its router gave up on some of these before they arrived: never start them.
+            early_http, early_calls, _ = self._early_cancels.pop(ticket)
+            skip = {*early_http, *(n_http + i for i in early_calls)}
         token = context.enter(self.context)  # tasks created below inherit it
         try:
-            work = [self._serve_http(w) for w in http]
-            work += [self._serve_call(name, args, kwargs) for name, args, kwargs in calls]
-            self.in_flight += len(work)
-            if len(work) == 1:  # the usual case at low load: no task, no wait
+            if total == 1 and not skip:  # the usual case at low load: no task, no wait
+                work = self._serve_http(http[0]) if n_http else self._serve_call(*calls[0])
+                # The work runs in the handler's own task; a CANCEL for this ticket
+                # cancels that task, and the cancellation ends here.
+                task = asyncio.current_task()
+                self.in_flight += 1
+                self._inline[ticket] = task
                 try:
-                    result = await work[0]
+                    return self._split({0: await work}, n_http, None)
+                except asyncio.CancelledError:
+                    if ticket not in self._inline_cancelled:
+                        raise  # not ours: the worker itself is stopping this task
+                    uncancel = getattr(task, "uncancel", None)
+                    if uncancel is not None:  # Python 3.11+ counts cancel requests
+                        uncancel()
+                    return [], [], None
                 finally:
+                    del self._inline[ticket]
+                    if self._inline_cancelled:
+                        self._inline_cancelled.discard(ticket)
                     self._settle(1)
-                return self._split({0: result}, len(http), None)
-            tasks = {i: asyncio.ensure_future(w) for i, w in enumerate(work)}
+            tasks = {i: asyncio.ensure_future(self._serve_http(http[i]) if i < n_http
+                                              else self._serve_call(*calls[i - n_http]))
+                     for i in range(total) if i not in skip}
         finally:
             context.leave(token)
-        return await self._first_results(tasks, len(http))
+        self.in_flight += len(tasks)
+        entry = self._tickets[ticket] = _Ticket(tasks, n_http)
+        return await self._first_results(ticket, entry)
 
     async def collect(self, ticket: int) -> Outcome | None:
-        """Results of a message's stragglers; None if the ticket is unknown."""
-        entry = self._tickets.pop(ticket, None)
-        if entry is None:
+        """More results of a message; None if the ticket is unknown (or expired)."""
+        entry = self._tickets.get(ticket)
+        if entry is None or entry.collecting:
             return None
-        return await self._first_results(*entry)
+        return await self._first_results(ticket, entry)
 
-    async def _first_results(self, tasks: dict[int, asyncio.Future], n_http: int) -> Outcome:
+    def cancel(self, ticket: int, http: list[int], calls: list[int]) -> None:
+        """Cancel work whose router stopped waiting for it, and never report it.
+
+        Async handlers get ``CancelledError``; sync handlers cannot be interrupted and
+        run on in their thread, but stop counting as in flight (the pool stays bounded
+        at ``max_concurrent_queries`` threads; work that queued behind them and was
+        cancelled before it started never runs).
+        """
+        task = self._inline.get(ticket)
+        if task is not None:
+            self._inline_cancelled.add(ticket)
+            task.cancel()
+            return
+        entry = self._tickets.get(ticket)
+        if entry is None:  # overtook its message, or came after its last result
+            self._early_cancels[ticket] = (list(http), list(calls), time.monotonic())
+            self._sweep_soon()
+            return
+        dropped = 0
+        for i in (*http, *(entry.n_http + i for i in calls)):
+            task = entry.tasks.pop(i, None)
+            if task is not None:
+                task.cancel()
+                dropped += 1
+        self._settle(dropped)
+        if entry.collecting:
+            entry.wake_collector()
+        elif not entry.tasks:
+            del self._tickets[ticket]
+
+    async def _first_results(self, ticket: int, entry: "_Ticket") -> Outcome:
         # Reply as soon as anything is done (plus a short grace for siblings), so a
         # slow request never holds back fast ones that travelled with it; whatever is
-        # still running stays here under a ticket the router collects next.
-        _, running = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
-        if running:
-            await asyncio.wait(running, timeout=STRAGGLER_GRACE_S)
-        done = {i: task.result() for i, task in tasks.items() if task.done()}
-        self._settle(len(done))
-        ticket = None
-        if len(done) < len(tasks):
-            ticket = next(self._ticket_ids)
-            self._tickets[ticket] = ({i: t for i, t in tasks.items() if i not in done}, n_http)
-        return self._split(done, n_http, ticket)
+        # still running stays here under the ticket the router collects next.
+        entry.collecting = True
+        done: list[int] = []
+        try:
+            while entry.tasks and not done:
+                entry.wake = self._loop.create_future()
+                await asyncio.wait([*entry.tasks.values(), entry.wake],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                running = [t for t in entry.tasks.values() if not t.done()]
+                if running and len(running) < len(entry.tasks):
+                    await asyncio.wait(running, timeout=STRAGGLER_GRACE_S)
+                done = [i for i, task in entry.tasks.items() if task.done()]
+        finally:
+            entry.collecting = False
+            entry.wake = None
+            entry.idle_since = time.monotonic()
+        results = {}
+        for i in done:
+            task = entry.tasks.pop(i)
+            results[i] = self._cancelled(i < entry.n_http) if task.cancelled() \
+                else task.result()
+        self._settle(len(results))
+        if entry.tasks:
+            self._sweep_soon()
+            return self._split(results, entry.n_http, ticket)
+        del self._tickets[ticket]
+        return self._split(results, entry.n_http, None)
+
+    def _cancelled(self, is_http: bool) -> Any:
+        """The outcome of work cancelled by something other than its router."""
+        exc = ServeError(f"the request was cancelled in replica {self.context.replica_tag!r}")
+        if is_http:
+            return exception_response(exc, self.context.backend_tag, self.context.replica_tag)
+        return False, exc
 
     @staticmethod
     def _split(done: dict[int, Any], n_http: int, ticket: int | None) -> Outcome:
@@ -226,6 +338,40 @@ class ReplicaExecutor:
         self.in_flight -= count
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
+
+    # -- results nobody collects -----------------------------------------------------
+    def _sweep_soon(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = spawn(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Expire tickets no router collects: a live router always has a COLLECT
+        waiting on each of its tickets, so one left alone for the whole TTL belongs to
+        a router that is gone (its process died), and nobody will take its results."""
+        ttl = self._result_ttl
+        try:
+            while self._tickets or self._early_cancels:
+                await asyncio.sleep(min(max(ttl / 4, 0.05), 5.0))
+                now = time.monotonic()
+                for ticket, entry in list(self._tickets.items()):
+                    if not entry.collecting and now - entry.idle_since > ttl:
+                        self._expire(ticket, entry)
+                for ticket, (_, _, since) in list(self._early_cancels.items()):
+                    if now - since > ttl:
+                        del self._early_cancels[ticket]
+        finally:
+            self._sweeper = None
+
+    def _expire(self, ticket: int, entry: "_Ticket") -> None:
+        finished = sum(task.done() for task in entry.tasks.values())
+        logger.warning("replica %s drops ticket %d: nobody collected it for %.0f s (its "
+                       "caller is gone?); %d result(s) discarded, %d request(s) cancelled",
+                       self.context.replica_tag, ticket, self._result_ttl, finished,
+                       len(entry.tasks) - finished)
+        for task in entry.tasks.values():
+            task.cancel()
+        self._settle(len(entry.tasks))
+        del self._tickets[ticket]
 
     # -- lifecycle --------------------------------------------------------------
     async def _reconfigure(self, user_config: Any) -> None:
@@ -256,7 +402,11 @@ class ReplicaExecutor:
             await self._reconfigure(new.user_config)
 
     async def drain(self) -> None:
-        """Stop taking requests and return once every in-flight one has finished."""
+        """Stop taking requests and return once every in-flight one has finished.
+
+        Only work some router still waits for counts: work its router abandoned was
+        cancelled, and results nobody collects expire, so neither holds a drain up.
+        """
         self.draining = True
         if self.in_flight:
             self._idle = asyncio.Event()

@@ -259,7 +259,9 @@ def _router_gauges() -> Iterable[Metric]:
         if getattr(router, "closed", False):
             continue
         for tag, backend in list(getattr(router, "_backends", {}).items()):
-            queued[tag] = queued.get(tag, 0) + len(backend.waiting)
+            queue = getattr(backend, "queue", None)  # the wait queue, live entries only
+            waiting = queue.live() if queue is not None else len(backend.waiting)
+            queued[tag] = queued.get(tag, 0) + waiting
             in_flight[tag] = in_flight.get(tag, 0) + sum(l.in_flight for l in backend.links)
     q = GaugeMetricFamily(ROUTER_QUEUED, "Requests waiting in routers for a replica of "
                           "the backend to have room", labels=["backend"])

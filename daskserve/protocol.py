@@ -41,6 +41,12 @@ class ControllerOp:
     SHADOW_TRAFFIC = "daskserve_shadow_traffic"
     # observability (scheduler_plugin/dashboard.py)
     METRICS = "daskserve_metrics"  # the instance's metrics, Prometheus text (bytes)
+    ENV_PREPARE = "daskserve_env_prepare"        # client: which chunks of an archive to send
+    ENV_HOLD = "daskserve_env_hold"              # client: keep these scattered chunks
+    REPLICA_EXITED = "daskserve_replica_exited"  # worker: a replica's own process died
+    REPORT_LOAD = "daskserve_report_load"        # router: (listener, loads: LoadReport),
+    #   sent once per interval while a backend's load is nonzero or has just changed,
+    #   never per request; no answer is needed
 
 
 class WorkerOp:
@@ -48,6 +54,7 @@ class WorkerOp:
 
     CALL = "daskserve_call"                # router: run a CallMessage, get a CallReply
     COLLECT = "daskserve_collect"          # router: the rest of a message, by ticket
+    CANCEL = "daskserve_cancel"            # router: a CancelMessage; no reply needed
     UPDATE = "daskserve_update"            # controller: apply a new BackendConfig (UpdateReply)
     DRAIN = "daskserve_drain"              # controller: finish in-flight work, take no more
     LOCATE = "daskserve_locate"            # controller: where a replica answers CALL
@@ -90,6 +97,8 @@ class ReplicaRoute(TypedDict):
 
 class BackendRoute(TypedDict):
     max_concurrent_queries: int
+    max_queued_requests: int      # -1: unbounded (BackendConfig.queue_limits)
+    queue_timeout_s: float | None  # None: wait without bound
     replicas: list[ReplicaRoute]  # running replicas only
 
 
@@ -119,14 +128,23 @@ class RoutingTable(TypedDict, total=False):
     shutdown: bool
 
 
+# A router's load per backend: queries sent and unanswered plus those waiting for a
+# free replica ({backend tag: count}). Backends it omits count as 0 for it.
+LoadReport = dict
+
+
 # -- router -> replica ----------------------------------------------------------------
 class CallMessage(TypedDict, total=False):
     """The queries one router sent one replica in one loop tick (WorkerOp.CALL).
 
-    ``replica`` is always there; ``http`` and ``calls`` only when non-empty.
+    ``replica`` and ``ticket`` are always there; ``http`` and ``calls`` only when
+    non-empty. The router picks the ticket (random start, then counting, so tickets
+    of different routers do not meet), which lets it name the message's work in a
+    COLLECT or CANCEL before, or without, any reply.
     """
 
     replica: str                 # ReplicaRoute.tag
+    ticket: int
     http: list[WireRequest]
     calls: bytes                 # cloudpickled [(method, args, kwargs), ...]: one blob
 
@@ -134,16 +152,32 @@ class CallMessage(TypedDict, total=False):
 class CallReply(TypedDict, total=False):
     """What finished first; indices refer to the message's ``http`` and ``calls``.
 
+    Handle-call results travel as one blob of pickles laid end to end, one per
+    result, so that one the caller cannot unpickle fails only its own call.
     ``retry`` says the replica took none of it (gone or draining), so the router may
-    send everything elsewhere; ``lost`` (collect only) says the ticket's work is gone.
+    send everything elsewhere; ``undecodable`` that the replica could not unpickle
+    ``calls`` and ran nothing; ``lost`` (collect only) that the ticket's work is gone.
     """
 
     http: list[list]             # [[index, WireResponse], ...]
-    calls: bytes                 # cloudpickled [(index, ok, value_or_exception), ...]
-    ticket: int                  # collect the rest with WorkerOp.COLLECT
+    calls: list[list]            # [[index, ok, end], ...]: result ``index`` is
+                                 # values[previous end:end]; a failed call (ok false)
+                                 # adds a text summary of its exception
+    values: bytes
+    ticket: int                  # more results are coming: COLLECT this ticket
     retry: bool
+    undecodable: str             # why unpickling ``calls`` failed
     lost: bool
     error: Any                   # why the rest was lost (router side only)
+
+
+class CancelMessage(TypedDict):
+    """Work whose callers stopped waiting (WorkerOp.CANCEL): cancel it if it has not
+    finished (async handlers are cancelled, sync ones run on in their thread), and
+    never report it. A cancel may overtake its CALL; the replica remembers it."""
+
+    replica: str
+    cancels: list[list]          # [[ticket, [http index, ...], [call index, ...]], ...]
 
 
 # -- controller -> replica ------------------------------------------------------------

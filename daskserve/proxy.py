@@ -41,7 +41,7 @@ except ImportError:  # Windows has no file-descriptor limit to respect
 from . import metrics
 from .config import HTTPOptions
 from .http_codec import WireResponse, encode_request, error_response
-from .router import Router
+from .router import Query, Router
 from .tasks import spawn
 
 logger = logging.getLogger(__name__)
@@ -176,9 +176,13 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
         headers = exchange.headers
         wire = encode_request(method, path, query, list(headers.get_all()),
                               exchange.body(), exchange.client, raw_path)
-        response = await self.router.http(endpoint.name, wire,
-                                          headers.get(SHARD_KEY_HEADER),
-                                          self.options.request_timeout_s)
+        exchange.query = self.router.submit_http(endpoint.name, wire,
+                                                 headers.get(SHARD_KEY_HEADER))
+        try:
+            response = await self.router.answer(exchange.query,
+                                                self.options.request_timeout_s)
+        finally:
+            exchange.query = None
         exchange.write(response, route=path, endpoint=endpoint.name)
 
     def known_route(self, target: str) -> str:
@@ -213,6 +217,10 @@ def _decode_path(raw: str) -> str:
 
 
 _BUILTIN_ROUTES = frozenset({"/-/routes", "/-/healthz", "/-/metrics"})
+# What a request whose client left is counted as (nginx's "client closed request");
+# nobody reads it.
+_CLIENT_CLOSED = error_response(499, "ClientClosedRequest",
+                                "the client closed the connection before the answer")
 _BUILTIN_METHODS = frozenset({"GET"})
 
 
@@ -386,11 +394,12 @@ class _Exchange(httputil.HTTPMessageDelegate):
     """One request/response on a connection."""
 
     __slots__ = ("proxy", "connection", "start_line", "headers", "_chunks", "_size",
-                 "_rejected", "client", "started")
+                 "_rejected", "client", "query", "started")
 
     def __init__(self, proxy: Proxy, connection: httputil.HTTPConnection):
         self.proxy = proxy
         self.connection = connection
+        self.query: Query | None = None  # the router's, while we await its answer
         self._chunks: list[bytes] = []
         self._size = 0
         self._rejected = False
@@ -430,6 +439,9 @@ class _Exchange(httputil.HTTPMessageDelegate):
     def finish(self) -> None:
         if not self._rejected:
             self.proxy.in_flight += 1  # counted from here, so Proxy.stop waits for it
+            # Tornado tells the message delegate of a close only while the request is
+            # being read; once it is read, only this callback hears of it.
+            self.connection.set_close_callback(self.on_connection_close)
             spawn(self._respond())
 
     async def _respond(self) -> None:
@@ -444,7 +456,13 @@ class _Exchange(httputil.HTTPMessageDelegate):
             self.proxy._request_done()
 
     def on_connection_close(self) -> None:
+        """The client left: drop what it sent, and its request wherever it waits
+        (a queue, a replica), so that requests nobody will read never pile up."""
         self._chunks = []
+        query = self.query
+        if query is not None and not query.future.done():
+            query.future.set_result(_CLIENT_CLOSED)
+            self.proxy.router.abandon(query)
 
     def write(self, response: WireResponse, route: str = "", endpoint: str = "") -> None:
         status, header_pairs, body = response

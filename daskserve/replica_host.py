@@ -6,9 +6,11 @@ that process's worker plugin, and says at which address requests for it are
 answered. The controller treats the worker holding a replica's resources and that
 address as two things, so a host may serve from a process other than its worker.
 
-Today the one host is a Dask actor on the worker that holds the resources: Dask
-gives it placement, lifetime (the controller holds its future) and a failure signal
-when the worker dies. Requests do not use ``actor_execute``: routers call the
+The host here is a Dask actor on the worker that holds the resources: Dask gives it
+placement, lifetime (the controller holds its future) and a failure signal when the
+worker dies. Backends with a packed environment use ``daskserve.envs.host.EnvHost``,
+an actor placed the same way that runs the executor in a child process started from
+the env's interpreter, serving the same protocol on its own address. Requests do not use ``actor_execute``: routers call the
 worker plugin's handlers directly (benchmarks/transport.py measures that path at
 2-4x the message rate), and the controller asks the plugin (``WorkerOp.LOCATE``)
 where the replica answers, never the actor: a Dask actor proxy binds to whichever

@@ -8,6 +8,13 @@ queue per backend when every replica is full. Finding the endpoint and the backe
 is a dict lookup, whatever their number; picking a replica samples two, and scans
 the backend's replicas only when both samples are full.
 
+Nothing waits without bound: a wait queue refuses requests past the backend's
+``max_queued_requests`` and fails those that waited ``queue_timeout_s`` (one
+periodic sweep per router, running only while something waits). A query whose
+caller gives up (timeout, disconnected client, cancelled handle call) is
+*abandoned*: it leaves its queue, stops counting against its replica's limit at
+once, and the replica is told to cancel it.
+
 A router lives on one event loop (the proxy's, a worker's or a Dask client's) and
 learns table changes by long-polling the controller; a new table is swapped in
 whole, so in-flight queries are never dropped by a traffic or replica change.
@@ -17,7 +24,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import pickle
 import random
+import select
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -25,9 +35,11 @@ import cloudpickle
 from distributed.comm.core import CommClosedError
 from distributed.core import ConnectionPool, send_recv
 
-from . import metrics
-from .errors import EndpointNotFoundError, ReplicaUnavailableError, ServeError
+from . import metrics, pickling
+from .errors import (BackPressureError, EndpointNotFoundError, QueueTimeoutError,
+                     ReplicaUnavailableError, SerializationError, ServeError)
 from .http_codec import error_response
+from .load_report import report_loads
 from .protocol import (CallMessage, CallReply, ControllerOp, RoutingTable, WireRequest,
                        WireResponse, WorkerOp)
 from .tasks import spawn
@@ -36,13 +48,23 @@ from .traffic import TrafficPolicy
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 20
+# The queue sweep runs this often at most, and at least four times per queue timeout.
+SWEEP_INTERVAL_S = 1.0
+# An abandoned query left in a wait queue is removed in bulk once this many gather.
+COMPACT_AFTER = 32
 
 
 class Query:
-    """One request on its way to a replica: an HTTP message or a handle call."""
+    """One request on its way to a replica: an HTTP message or a handle call.
+
+    While it waits, ``queue`` is the wait queue holding it; while it is in flight,
+    ``link`` is the replica link whose limit it counts against, and once its message
+    left, ``ticket`` and ``index`` name it there. Abandoning it clears both.
+    """
 
     __slots__ = ("endpoint", "backend", "wire", "method", "args", "kwargs", "shard_key",
-                 "future", "excluded", "attempts", "trace")
+                 "future", "excluded", "attempts", "link", "ticket", "index", "queue",
+                 "queued_at", "trace")
 
     def __init__(self, endpoint: str, *, wire: WireRequest | None = None,
                  method: str = "__call__",
@@ -59,6 +81,11 @@ class Query:
         self.excluded: set[str] = set()
         self.attempts = 0
         self.trace = metrics.access_trace() if future is not None else None  # observability
+        self.link: ReplicaLink | None = None
+        self.ticket: int | None = None
+        self.index = 0
+        self.queue: _WaitQueue | None = None
+        self.queued_at = 0.0
 
     def shadow_copy(self, backend: str) -> "Query":
         copy = Query(self.endpoint, wire=self.wire, method=self.method, args=self.args,
@@ -77,24 +104,37 @@ class Query:
     def fail(self, exc: BaseException) -> None:
         if self.future is not None and not self.future.done():
             if self.wire is not None:
-                status = 404 if isinstance(exc, EndpointNotFoundError) else 503
-                self.future.set_result(error_response(status, type(exc).__name__, str(exc)))
+                self.future.set_result(failure_response(exc))
             else:
                 self.future.set_exception(exc)
+
+
+def failure_response(exc: BaseException, **extra: Any) -> WireResponse:
+    """The HTTP answer to a request that failed in daskserve, not in user code."""
+    if isinstance(exc, EndpointNotFoundError):
+        return error_response(404, type(exc).__name__, str(exc), **extra)
+    if isinstance(exc, BackPressureError):
+        response = error_response(503, type(exc).__name__, str(exc),
+                                  **{"backend": exc.backend, **extra})
+        response[1].append(["retry-after", "1"])
+        return response
+    return error_response(503, type(exc).__name__, str(exc), **extra)
 
 
 class ReplicaLink:
     """Queue of queries bound for one replica, flushed once per loop tick.
 
     Every query sent to a replica in the same tick is collected and leaves as a single
-    message; the reply carries the results that finished first, and a ticket to
-    collect the rest, so a slow query never delays its fast companions. This is the
-    transport-level coalescing (never one Dask call per request); it is independent
-    of the user-visible batching a replica may do on top.
+    message; the reply carries the results that finished first, and the rest are
+    collected under the message's ticket, so a slow query never delays its fast
+    companions. This is the transport-level coalescing (never one Dask call per
+    request); it is independent of the user-visible batching a replica may do on top.
+    Cancellations of abandoned queries are coalesced the same way.
     """
 
     __slots__ = ("backend", "tag", "address", "in_flight", "_pool", "_pending",
-                 "_flush_scheduled", "_on_done", "_connecting", "_retired")
+                 "_flush_scheduled", "_on_done", "_tickets", "_cancels", "_connecting",
+                 "_retired")
 
     def __init__(self, backend: str, tag: str, address: str, pool: ConnectionPool,
                  on_done: Callable[["ReplicaLink", list, bool], None]):
@@ -106,116 +146,285 @@ class ReplicaLink:
         self._pending: list[Query] = []
         self._flush_scheduled = False
         self._on_done = on_done
+        self._tickets = itertools.count(random.getrandbits(62))
+        self._cancels: dict[int, tuple[list[int], list[int]]] = {}
         self._connecting: set[asyncio.Future] = set()
         self._retired = False
 
     def retire(self) -> None:
         """The replica left the routing table: stop connecting to it.
 
-        A worker that died (a cancelled SLURM job) refuses connections, and the pool
-        retries those until its connect timeout (30 s); batches still connecting go
-        to the replicas of the new table instead. Nothing was sent, so none started.
+        A worker that died (a SIGKILLed process, a cancelled SLURM job) refuses
+        connections, and the pool retries those until its connect timeout (30 s);
+        batches still connecting go to the replicas of the new table instead. Nothing
+        was sent, so none started.
         """
         self._retired = True
         for connecting in self._connecting:
             connecting.cancel()
 
+    async def _connect(self) -> Any:
+        """An open comm to the replica; raises ``_NotSent`` when the replica cannot be
+        reached, in which case nothing was sent and other replicas may take the work.
+
+        A pooled comm whose worker died while it sat idle has already received the
+        peer's close; sending on it would fail after the fact and lose requests that
+        never ran. Such comms are dropped here, before anything is written.
+        """
+        while not self._retired:
+            connecting = asyncio.ensure_future(self._pool.connect(self.address))
+            self._connecting.add(connecting)
+            try:
+                comm = await connecting
+            except asyncio.CancelledError:
+                if not self._retired:
+                    raise  # this task itself was cancelled, not only its connect
+                break
+            except OSError:
+                break
+            finally:
+                self._connecting.discard(connecting)
+            if not _closed_by_peer(comm):
+                return comm
+            comm.abort()
+            self._pool.reuse(self.address, comm)  # a closed comm leaves the pool
+        raise _NotSent
+
     def send(self, query: Query) -> None:
         if query.trace is not None:  # observability: the access log names the replica
             query.trace.note(self.backend, self.tag)
         self.in_flight += 1
+        query.link = self
+        query.ticket = None
         self._pending.append(query)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def abandon(self, query: Query) -> None:
+        """Stop counting a query its caller gave up on; have the replica cancel it."""
+        query.link = None
+        self.in_flight -= 1
+        if query.ticket is None:
+            return  # its message has not left: ``_exchange`` leaves it out
+        if not self._cancels:
+            asyncio.get_running_loop().call_soon(self._flush_cancels)
+        lists = self._cancels.get(query.ticket)
+        if lists is None:
+            lists = self._cancels[query.ticket] = ([], [])
+        lists[0 if query.wire is not None else 1].append(query.index)
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         self._flush_scheduled = False
         spawn(self._exchange(batch))
 
-    async def _exchange(self, batch: list[Query]) -> None:
-        http = [q for q in batch if q.wire is not None]
-        calls = [q for q in batch if q.wire is None]
-        message: CallMessage = {"replica": self.tag}
-        if http:
-            message["http"] = [q.wire for q in http]
-        if calls:
-            message["calls"] = cloudpickle.dumps([(q.method, q.args, q.kwargs) for q in calls])
-        if self._retired:  # it left the table after this batch was flushed to it
-            self._on_done(self, batch, True)
-            return
-        connecting = asyncio.ensure_future(self._pool.connect(self.address))
-        self._connecting.add(connecting)
-        try:
-            comm = await connecting
-        except asyncio.CancelledError:
-            if not self._retired:
-                raise  # this task itself was cancelled, not only its connect
-            self._on_done(self, batch, True)  # nothing was sent: other replicas take these
-            return
-        except OSError:
-            # Nothing was sent, so nothing started: other replicas may take these.
-            self._on_done(self, batch, True)
-            return
-        except Exception as exc:  # the pool is closed: no replica is reachable from here
-            self._fail(batch, ServeError(f"cannot reach replica {self.tag!r}: {exc}"))
-            return
-        finally:
-            self._connecting.discard(connecting)
-        try:
-            reply = await send_recv(comm, op=WorkerOp.CALL, **message)
-        except (CommClosedError, OSError) as exc:
-            self._fail(batch, ReplicaUnavailableError(self.backend, self.tag, str(exc) or
-                                                      type(exc).__name__))
-            return
-        except Exception as exc:  # the worker refused the message itself
-            self._fail(batch, exc)
-            return
-        finally:
-            self._pool.reuse(self.address, comm)
-        if reply.get("retry"):
-            self._on_done(self, batch, True)
-            return
-        await self._deliver(reply, dict(enumerate(http)), dict(enumerate(calls)))
+    def _flush_cancels(self) -> None:
+        cancels, self._cancels = self._cancels, {}
+        spawn(self._send_cancels([[ticket, http, calls]
+                                  for ticket, (http, calls) in cancels.items()]))
 
-    async def _deliver(self, reply: CallReply, http: dict[int, Query],
+    async def _send_cancels(self, cancels: list[list]) -> None:
+        try:
+            await getattr(self._pool(self.address), WorkerOp.CANCEL)(
+                replica=self.tag, cancels=cancels)
+        except Exception as exc:  # the replica is gone, and its work with it
+            logger.debug("cancelling on replica %s failed: %r", self.tag, exc)
+
+    async def _exchange(self, batch: list[Query]) -> None:
+        try:
+            http, calls = [], []
+            for query in batch:
+                if query.link is self:  # some may have been abandoned by now
+                    (calls if query.wire is None else http).append(query)
+            ticket = next(self._tickets)
+            message: CallMessage = {"replica": self.tag, "ticket": ticket}
+            if calls:
+                try:
+                    message["calls"] = cloudpickle.dumps(
+                        [(q.method, q.args, q.kwargs) for q in calls])
+                except Exception:
+                    calls = self._drop_unpicklable(calls)
+                    if calls:
+                        message["calls"] = cloudpickle.dumps(
+                            [(q.method, q.args, q.kwargs) for q in calls])
+            if http:
+                message["http"] = [q.wire for q in http]
+            elif not calls:
+                return
+            # Named before anything is sent, so a query abandoned from here on can be
+            # cancelled; the replica remembers a cancel that overtakes its message.
+            for index, query in enumerate(http):
+                query.ticket, query.index = ticket, index
+            for index, query in enumerate(calls):
+                query.ticket, query.index = ticket, index
+            try:
+                comm = await self._connect()
+            except _NotSent:
+                # Nothing was sent, so nothing started: other replicas may take these.
+                self._on_done(self, http + calls, True)
+                return
+            except RuntimeError as exc:  # the pool is closed: no replica is reachable
+                self._fail(http + calls, ServeError(f"cannot reach replica {self.tag!r}: {exc}"))
+                return
+            try:
+                reply = await send_recv(comm, op=WorkerOp.CALL, **message)
+            except (CommClosedError, OSError) as exc:
+                self._fail(http + calls, ReplicaUnavailableError(
+                    self.backend, self.tag, str(exc) or type(exc).__name__))
+                return
+            except Exception as exc:  # the worker refused the message itself
+                self._fail(http + calls, exc)
+                return
+            finally:
+                self._pool.reuse(self.address, comm)
+            if reply.get("retry"):
+                self._on_done(self, http + calls, True)
+            elif "undecodable" in reply:
+                self._resend_apart(http, calls, reply["undecodable"])
+            else:
+                await self._deliver(reply, ticket, dict(enumerate(http)),
+                                    dict(enumerate(calls)))
+        except Exception as exc:  # a bug must cost these queries, never their slots
+            logger.exception("sending to replica %s of backend %s failed", self.tag,
+                             self.backend)
+            self._fail(batch, exc)
+
+    def _drop_unpicklable(self, calls: list[Query]) -> list[Query]:
+        """The calls' one pickle failed: fail just the calls at fault, keep the rest."""
+        good, bad = [], []
+        for query in calls:
+            problem = pickling.why_unpicklable(query.method, query.args, query.kwargs)
+            if problem is None:
+                good.append(query)
+            else:
+                bad.append(query)
+                query.fail(SerializationError(
+                    f"cannot send a call to backend {self.backend!r} (method "
+                    f"{query.method!r}): {problem}"))
+        self._on_done(self, bad, False)
+        return good
+
+    def _resend_apart(self, http: list[Query], calls: list[Query], reason: str) -> None:
+        """The replica could not unpickle the calls and ran nothing: send each call on
+        its own, so only those that fail to unpickle there fail."""
+        live = [q for q in calls if q.link is self]
+        if len(calls) == 1:  # alone in its message: this call is the one at fault
+            for query in live:
+                query.fail(SerializationError(
+                    f"the arguments of a call to backend {self.backend!r} (method "
+                    f"{query.method!r}) could not be unpickled on replica {self.tag!r}: "
+                    f"{reason}"))
+            self._on_done(self, live, False)
+        else:
+            for query in live:
+                spawn(self._exchange([query]))
+        http = [q for q in http if q.link is self]
+        if http:
+            spawn(self._exchange(http))
+
+    async def _deliver(self, reply: CallReply, ticket: int, http: dict[int, Query],
                        calls: dict[int, Query]) -> None:
         """Hand out results as they arrive, collecting stragglers by ticket."""
         while True:
             finished = []
             for index, response in reply["http"]:
-                query = http.pop(index)
-                query.resolve(response)
-                finished.append(query)
-            for index, ok, value in cloudpickle.loads(reply["calls"]) if "calls" in reply else ():
-                query = calls.pop(index)
-                query.resolve(value) if ok else query.fail(value)
-                finished.append(query)
-            self._on_done(self, finished, False)
+                query = http.pop(index, None)
+                if query is not None and query.link is self:
+                    query.resolve(response)
+                    finished.append(query)
+            if "calls" in reply:
+                self._unpack_calls(reply, calls, finished)
+            if finished:
+                self._on_done(self, finished, False)
             if "ticket" not in reply:
-                return
+                break
+            if not any(q.link is self for q in (*http.values(), *calls.values())):
+                return  # all abandoned, and the replica told to cancel them
             try:
-                reply = await getattr(self._pool(self.address), WorkerOp.COLLECT)(
-                    replica=self.tag, ticket=reply["ticket"])
-            except Exception as exc:
+                comm = await self._connect()
+            except Exception as exc:  # _NotSent: the replica is gone, and its work
                 reply = {"lost": True, "error": exc}
+            else:
+                try:
+                    reply = await send_recv(comm, op=WorkerOp.COLLECT, replica=self.tag,
+                                            ticket=ticket)
+                except Exception as exc:
+                    reply = {"lost": True, "error": exc}
+                finally:
+                    self._pool.reuse(self.address, comm)
             if reply.get("lost"):
                 reason = reply.get("error") or "the replica went away while running them"
                 self._fail([*http.values(), *calls.values()],
                            ReplicaUnavailableError(self.backend, self.tag, str(reason)))
                 return
+        # The replica reports cancelled work never; only abandoned queries may be left.
+        left = [q for q in (*http.values(), *calls.values()) if q.link is self] \
+            if http or calls else None
+        if left:
+            self._fail(left, ReplicaUnavailableError(self.backend, self.tag,
+                                                     "the replica cancelled the request"))
+
+    def _unpack_calls(self, reply: CallReply, calls: dict[int, Query],
+                      finished: list[Query]) -> None:
+        values = memoryview(reply["values"])
+        start = 0
+        for entry in reply["calls"]:
+            index, ok, end = entry[0], entry[1], entry[2]
+            query = calls.pop(index, None)
+            if query is not None and query.link is self:
+                try:
+                    value = pickle.loads(values[start:end])
+                except Exception as exc:
+                    ok, value = False, self._unloadable(entry, exc)
+                query.resolve(value) if ok else query.fail(value)
+                finished.append(query)
+            start = end
+
+    def _unloadable(self, entry: list, exc: Exception) -> SerializationError:
+        where = f"backend {self.backend!r} (replica {self.tag!r})"
+        problem = pickling.summarize(exc)
+        if entry[1]:
+            return SerializationError(f"the result of a call to {where} could not be "
+                                      f"unpickled here: {problem}")
+        return SerializationError(f"{where} raised {entry[3]}, and that exception could "
+                                  f"not be unpickled here: {problem}")
 
     def _fail(self, batch: list[Query], exc: BaseException) -> None:
+        batch = [q for q in batch if q.link is self]
+        if not batch:
+            return
         logger.warning("call to replica %s of backend %s failed: %r", self.tag,
                        self.backend, exc)
         for query in batch:
             if query.wire is not None:
-                query.resolve(error_response(503, type(exc).__name__, str(exc),
-                                             backend=self.backend, replica=self.tag))
+                query.resolve(failure_response(exc, backend=self.backend, replica=self.tag))
             else:
                 query.fail(exc)
         self._on_done(self, batch, False)
+
+
+class _WaitQueue:
+    """Queries waiting for a free replica of one backend, oldest first.
+
+    An abandoned query stays in place (a deque cannot drop from its middle cheaply)
+    but is counted as ``dead``; dead entries are skipped when reached and removed in
+    bulk once they make up half the queue, or at the next sweep, so the requests of
+    clients that left hold no memory for long.
+    """
+
+    __slots__ = ("queries", "dead")
+
+    def __init__(self) -> None:
+        self.queries: deque[Query] = deque()
+        self.dead = 0
+
+    def live(self) -> int:
+        return len(self.queries) - self.dead
+
+    def compact(self) -> None:
+        self.queries = deque(q for q in self.queries if q.queue is self)
+        self.dead = 0
 
 
 class _Endpoint:
@@ -229,14 +438,15 @@ class _Endpoint:
 
 
 class _Backend:
-    __slots__ = ("tag", "max_concurrent", "links", "waiting")
+    __slots__ = ("tag", "max_concurrent", "max_queued", "queue_timeout", "links", "queue")
 
-    def __init__(self, tag: str, max_concurrent: int, links: list[ReplicaLink],
-                 waiting: deque):
+    def __init__(self, tag: str, spec: dict, links: list[ReplicaLink], queue: _WaitQueue):
         self.tag = tag
-        self.max_concurrent = max_concurrent
+        self.max_concurrent = spec["max_concurrent_queries"]
+        self.max_queued = spec.get("max_queued_requests", -1)
+        self.queue_timeout = spec.get("queue_timeout_s")
         self.links = links
-        self.waiting = waiting
+        self.queue = queue
 
     def _free(self, link: ReplicaLink, excluded: set[str]) -> bool:
         return link.in_flight < self.max_concurrent and link.tag not in excluded
@@ -276,11 +486,18 @@ class Router:
         self._updated = asyncio.Event()
         self._listener: asyncio.Task | None = None
         metrics.track_router(self)  # observability: scrapes read its queues
+        self._waiting: set[str] = set()  # backends whose queue may hold queries
+        self._sweeper: asyncio.Future | None = None
+        self._reporter: asyncio.Future | None = None
 
     # -- table --------------------------------------------------------------------
     def start(self) -> None:
         if self._listener is None:
             self._listener = spawn(self._listen())
+            self._reporter = spawn(report_loads(self))
+
+    def controller_rpc(self) -> Any:
+        return self._pool(self.scheduler_address)
 
     async def _listen(self) -> None:
         listen = getattr(self._pool(self.scheduler_address), ControllerOp.LISTEN)
@@ -309,8 +526,8 @@ class Router:
                                                               self._pool, self._done)
                      for r in spec["replicas"]]
             previous = old_backends.get(tag)
-            backends[tag] = _Backend(tag, spec["max_concurrent_queries"], links,
-                                     previous.waiting if previous else deque())
+            backends[tag] = _Backend(tag, spec, links,
+                                     previous.queue if previous else _WaitQueue())
         links = {link.tag: link for b in backends.values() for link in b.links}
         for tag, link in self._links.items():
             if tag not in links:
@@ -324,9 +541,12 @@ class Router:
         self.version = table["version"]
         for tag, backend in old_backends.items():
             if tag not in backends:
-                for query in backend.waiting:
-                    if query.future is not None:
-                        self._route(query)
+                queue = backend.queue
+                for query in queue.queries:
+                    if query.queue is queue:
+                        query.queue = None
+                        if query.future is not None:
+                            self._route(query)
         for backend in backends.values():
             self._release_waiting(backend)
         self._updated.set()
@@ -378,16 +598,28 @@ class Router:
         state = self._backends.get(backend)
         if state is None:
             return 0
-        return sum(link.in_flight for link in state.links) + len(state.waiting)
+        return sum(link.in_flight for link in state.links) + state.queue.live()
+
+    def loads(self) -> dict[str, int]:
+        """``load`` of each backend that has any: what the controller autoscales by."""
+        loads = {tag: self.load(tag) for tag in self._backends}
+        return {tag: load for tag, load in loads.items() if load}
 
     def close(self, reason: str = "router closed") -> None:
         self.closed = True
         for backend in self._backends.values():
-            while backend.waiting:
-                backend.waiting.popleft().fail(ServeError(reason))
+            queue = backend.queue
+            while queue.queries:
+                query = queue.queries.popleft()
+                if query.queue is queue:
+                    query.queue = None
+                    query.fail(ServeError(reason))
+            queue.dead = 0
         self._updated.set()
         if self._listener is not None and self._listener is not asyncio.current_task():
             self._listener.cancel()
+        if self._reporter is not None:
+            self._reporter.cancel()
 
     # -- dispatch -----------------------------------------------------------------
     def submit(self, query: Query) -> None:
@@ -400,6 +632,28 @@ class Router:
         if endpoint is not None:
             for backend in endpoint.policy.shadow_targets():
                 self._enqueue(query.shadow_copy(backend))
+
+    def abandon(self, query: Query) -> None:
+        """Forget a query whose caller stopped waiting, wherever it is.
+
+        The caller has settled the query's future (a 504, a 499, a cancellation)
+        before calling this. A waiting query leaves its queue; one in flight frees its
+        slot now, so that hung work cannot keep a replica "full", and its replica is
+        asked to cancel it.
+        """
+        queue = query.queue
+        if queue is not None:
+            query.queue = None
+            queue.dead += 1
+            if queue.dead >= COMPACT_AFTER and 2 * queue.dead >= len(queue.queries):
+                queue.compact()
+            return
+        link = query.link
+        if link is not None:
+            link.abandon(query)
+            backend = self._backends.get(link.backend)
+            if backend is not None and backend.queue.queries:
+                self._release_waiting(backend)
 
     def _route(self, query: Query) -> _Endpoint | None:
         endpoint = self.endpoints.get(query.endpoint)
@@ -422,61 +676,165 @@ class Router:
             return
         link = backend.pick(query.excluded)
         if link is None:
-            backend.waiting.append(query)  # back-pressure: wait here, not in the replica
+            self._wait(backend, query)  # back-pressure: wait here, not in the replica
         else:
             link.send(query)
 
+    def _wait(self, backend: _Backend, query: Query) -> None:
+        queue = backend.queue
+        if 0 <= backend.max_queued <= queue.live():
+            query.fail(BackPressureError(
+                backend.tag, f"backend {backend.tag!r} is busy: {queue.live()} request(s) "
+                f"already wait for a free replica here (max_queued_requests="
+                f"{backend.max_queued}); retry later"))
+            return
+        query.queue = queue
+        query.queued_at = time.monotonic()
+        queue.queries.append(query)
+        self._waiting.add(backend.tag)
+        if self._sweeper is None:
+            self._sweeper = spawn(self._sweep())
+
     def _release_waiting(self, backend: _Backend) -> None:
-        waiting = backend.waiting
+        queue = backend.queue
+        waiting = queue.queries
         while waiting:
-            if waiting[0].abandoned:
+            head = waiting[0]
+            if head.queue is not queue:  # abandoned while it waited
                 waiting.popleft()
+                queue.dead -= 1
                 continue
-            link = backend.pick(waiting[0].excluded)
+            if head.abandoned:
+                waiting.popleft()
+                head.queue = None
+                continue
+            link = backend.pick(head.excluded)
             if link is None:
                 return
-            link.send(waiting.popleft())
+            waiting.popleft()
+            head.queue = None
+            link.send(head)
+
+    async def _sweep(self) -> None:
+        """Fail queries that waited past their backend's queue timeout and drop the
+        abandoned ones; runs while anything waits, one timer for the whole router."""
+        try:
+            while self._waiting and not self.closed:
+                timeouts = [b.queue_timeout for tag in self._waiting
+                            if (b := self._backends.get(tag)) and b.queue_timeout]
+                await asyncio.sleep(min([SWEEP_INTERVAL_S, *(t / 4 for t in timeouts)]))
+                now = time.monotonic()
+                for tag in list(self._waiting):
+                    backend = self._backends.get(tag)
+                    if backend is None or not backend.queue.queries:
+                        self._waiting.discard(tag)
+                    else:
+                        self._expire_waiting(backend, now)
+        finally:
+            self._sweeper = None
+
+    def _expire_waiting(self, backend: _Backend, now: float) -> None:
+        queue = backend.queue
+        if queue.dead:
+            queue.compact()
+        timeout = backend.queue_timeout
+        if timeout is None:
+            return
+        waiting = queue.queries  # oldest first: queries are appended as they arrive
+        while waiting and now - waiting[0].queued_at >= timeout:
+            query = waiting.popleft()
+            query.queue = None
+            query.fail(QueueTimeoutError(backend.tag, self._no_replica(backend, timeout)))
+
+    @staticmethod
+    def _no_replica(backend: _Backend, timeout: float) -> str:
+        running = len(backend.links)
+        if running == 0:
+            why = "it has no running replica (none requested, or all still pending)"
+        else:
+            why = (f"all {running} running replica(s) stayed at max_concurrent_queries="
+                   f"{backend.max_concurrent}")
+        return (f"no replica of backend {backend.tag!r} was available within "
+                f"queue_timeout_s={timeout}: {why}")
 
     def _done(self, link: ReplicaLink, batch: list[Query], retry: bool) -> None:
-        link.in_flight -= len(batch)
+        released = 0
+        for query in batch:
+            if query.link is link:  # abandoned ones freed their slot already
+                query.link = None
+                released += 1
+        link.in_flight -= released
         if retry:
             for query in batch:
+                if query.link is not None or query.abandoned:
+                    continue
                 query.attempts += 1
                 query.excluded.add(link.tag)
                 if query.attempts >= MAX_ATTEMPTS:
                     query.fail(ServeError(f"no replica of backend {query.backend!r} "
                                           f"accepted the request after {MAX_ATTEMPTS} tries"))
-                elif not query.abandoned:
+                else:
                     self._enqueue(query)
         backend = self._backends.get(link.backend)
-        if backend is not None and backend.waiting:
+        if backend is not None and backend.queue.queries:
             self._release_waiting(backend)
 
     # -- entry points ---------------------------------------------------------------
-    async def http(self, endpoint: str, wire: WireRequest, shard_key: str | None,
-                   timeout: float | None = None) -> WireResponse:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.submit(Query(endpoint, wire=wire, shard_key=shard_key, future=future))
+    def submit_http(self, endpoint: str, wire: WireRequest,
+                    shard_key: str | None) -> Query:
+        """Route an HTTP request; await its answer with ``answer``. The proxy holds
+        the query so that it can abandon it when the client leaves."""
+        query = Query(endpoint, wire=wire, shard_key=shard_key,
+                      future=asyncio.get_running_loop().create_future())
+        self.submit(query)
+        return query
+
+    async def answer(self, query: Query, timeout: float | None = None) -> WireResponse:
+        future = query.future
         if timeout is None or future.done():
             return await future
-        timer = loop.call_later(timeout, _expire, future, timeout)
+        timer = asyncio.get_running_loop().call_later(timeout, self._expire, query, timeout)
         try:
             return await future
         finally:
             timer.cancel()
+
+    async def http(self, endpoint: str, wire: WireRequest, shard_key: str | None,
+                   timeout: float | None = None) -> WireResponse:
+        return await self.answer(self.submit_http(endpoint, wire, shard_key), timeout)
 
     async def call(self, endpoint: str, method: str, args: tuple, kwargs: dict,
                    shard_key: Any = None, min_version: int = -1) -> Any:
         if self.version < max(min_version, 0):  # the first table is version 0 or later
             await self.wait_for_version(max(min_version, 0))
         future = asyncio.get_running_loop().create_future()
-        self.submit(Query(endpoint, method=method, args=args, kwargs=kwargs,
-                          shard_key=shard_key, future=future))
-        return await future
+        query = Query(endpoint, method=method, args=args, kwargs=kwargs,
+                      shard_key=shard_key, future=future)
+        self.submit(query)
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller gave up (a timeout, a cancel)
+            self.abandon(query)
+            raise
+
+    def _expire(self, query: Query, timeout: float) -> None:
+        if not query.future.done():
+            query.future.set_result(error_response(
+                504, "GatewayTimeout", f"no response within request_timeout_s={timeout}"))
+            self.abandon(query)
 
 
-def _expire(future: asyncio.Future, timeout: float) -> None:
-    if not future.done():
-        future.set_result(error_response(504, "GatewayTimeout",
-                                         f"no response within request_timeout_s={timeout}"))
+class _NotSent(Exception):
+    """Nothing of a message left for its replica: safe to send it elsewhere."""
+
+
+def _closed_by_peer(comm: Any) -> bool:
+    """Whether an idle comm has input waiting, which on a Dask comm between calls can
+    only be the other end closing. Polled without blocking; comms without a socket
+    (in-process) are taken as open."""
+    sock = getattr(getattr(comm, "stream", None), "socket", None)
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))

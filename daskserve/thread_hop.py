@@ -30,6 +30,8 @@ class ThreadHop:
         return future
 
     def _call(self, future: asyncio.Future, fn: Callable[[], Any]) -> None:
+        if future.cancelled():
+            return  # its caller gave up while it queued for a thread: never start it
         try:
             self._finished.append((future, True, fn()))
         except StopIteration as exc:

@@ -10,10 +10,10 @@ before the first replica is placed. It holds:
 - the EveryNode HTTP proxy, when this worker runs one.
 
 Replies carry whatever finished first; results still running are fetched with
-``COLLECT`` and the ticket the reply names, so one slow request never delays the
-others of its message. A replica that is gone or draining answers ``retry`` instead
-of executing, which is how scale-down and replica replacement lose no request: the
-router sends those requests elsewhere.
+``COLLECT`` and the message's ticket, so one slow request never delays the
+others of its message. ``CANCEL`` names work whose callers gave up. A replica that
+is gone or draining answers ``retry`` instead of executing, which is how scale-down
+and replica replacement lose no request: the router sends those requests elsewhere.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Any, Callable
 import cloudpickle
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from . import pickling
 from . import metrics
 from .config import HTTPOptions
 from .executor import ReplicaExecutor
@@ -43,6 +44,7 @@ class ServeWorkerPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         self.worker = worker
         self.executors: dict[str, ReplicaExecutor] = {}
+        self.remote: dict[str, str] = {}  # replicas hosted here, served by a child process
         self.proxy: Any = None
         self._environment = ProcessEnvironment()
         worker.handlers.update(self.handlers())
@@ -54,6 +56,7 @@ class ServeWorkerPlugin(WorkerPlugin):
 
     def handlers(self) -> dict[str, Callable]:
         return {WorkerOp.CALL: self.call, WorkerOp.COLLECT: self.collect,
+                WorkerOp.CANCEL: self.cancel,
                 WorkerOp.UPDATE: self.update, WorkerOp.DRAIN: self.drain,
                 WorkerOp.LOCATE: self.locate,
                 WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy,
@@ -81,28 +84,48 @@ class ServeWorkerPlugin(WorkerPlugin):
         self._environment.remove(replica)
         metrics.forget_replica(replica)  # observability: its series go with it
 
+    def add_remote(self, replica: str, address: str) -> None:
+        """A replica this worker hosts in another process, answering at ``address``."""
+        self.remote[replica] = address
+
+    def remove_remote(self, replica: str) -> None:
+        self.remote.pop(replica, None)
+
+    def baseline_environment(self) -> dict[str, str]:
+        """This worker's own environment variables, without those replicas set."""
+        return self._environment.baseline()
+
     # -- handlers: router -> replica ----------------------------------------------------
-    async def call(self, replica: str, http: list[WireRequest] | None = None,
+    async def call(self, replica: str, ticket: int, http: list[WireRequest] | None = None,
                    calls: bytes | None = None) -> CallReply:
         executor = self.executors.get(replica)
         if executor is None or executor.draining:
             return {"retry": True}
-        return _reply(await executor.handle(http or [],
-                                            cloudpickle.loads(calls) if calls else []))
+        try:
+            decoded = cloudpickle.loads(calls) if calls else []
+        except Exception as exc:  # nothing has started: the router may split the message
+            return {"undecodable": pickling.summarize(exc)}
+        return _reply(await executor.handle(ticket, http or [], decoded))
 
     async def collect(self, replica: str, ticket: int) -> CallReply:
         executor = self.executors.get(replica)
         outcome = await executor.collect(ticket) if executor is not None else None
         return {"lost": True} if outcome is None else _reply(outcome)
 
+    def cancel(self, replica: str, cancels: list[list]) -> None:
+        executor = self.executors.get(replica)
+        if executor is not None:
+            for ticket, http, calls in cancels:
+                executor.cancel(ticket, http, calls)
+
     # -- handlers: controller -> replica --------------------------------------------------
     async def locate(self, replica: str) -> str | None:
         """The address answering ``CALL`` for a replica hosted here, None if unknown.
 
-        An executor in this process is served by this worker; a host that runs its
-        executor in another process would answer with that process's address.
+        An executor in this process is served by this worker; one a host runs in
+        another process (a packed environment's) answers at that process's address.
         """
-        return self.worker.address if replica in self.executors else None
+        return self.worker.address if replica in self.executors else self.remote.get(replica)
 
     async def update(self, replica: str, config: dict, reconfigure: bool) -> UpdateReply:
         """Apply a config; what it raises goes back pickled, not as a Dask error,
@@ -161,6 +184,16 @@ class ProcessEnvironment:
         self._by_replica[replica] = dict(env_vars)
         os.environ.update(env_vars)
 
+    def baseline(self) -> dict[str, str]:
+        """``os.environ`` as it would be with no replica's settings."""
+        env = dict(os.environ)
+        for key, original in self._original.items():
+            if original is None:
+                env.pop(key, None)
+            else:
+                env[key] = original
+        return env
+
     def remove(self, replica: str) -> None:
         for key in self._by_replica.pop(replica, {}):
             setters = [env[key] for env in self._by_replica.values() if key in env]
@@ -178,7 +211,7 @@ def _reply(outcome: tuple) -> CallReply:
     http, calls, ticket = outcome
     reply: CallReply = {"http": http}
     if calls:
-        reply["calls"] = _dump_results(calls)
+        reply["calls"], reply["values"] = pickling.dump_results(calls)
     if ticket is not None:
         reply["ticket"] = ticket
     return reply
@@ -195,18 +228,3 @@ def _config_error(exc: Exception, context: Any) -> UpdateReply:
         error = cloudpickle.dumps(RuntimeError(f"{message} (raised in {where})"))
     return {"error": error, "message": message}
 
-
-def _dump_results(results: list[tuple[int, bool, Any]]) -> bytes:
-    try:
-        return cloudpickle.dumps(results)
-    except Exception:
-        # Only the values that cannot be pickled become errors; the rest arrive intact.
-        safe = []
-        for index, ok, value in results:
-            try:
-                cloudpickle.dumps(value)
-                safe.append((index, ok, value))
-            except Exception as exc:
-                safe.append((index, False, TypeError(
-                    f"result of type {type(value).__name__} cannot be pickled: {exc}")))
-        return cloudpickle.dumps(safe)

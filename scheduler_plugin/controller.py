@@ -11,6 +11,11 @@ logs which proxies lag and returns), so an HTTP request sent right after
 Nothing here unpickles user data: backend code and ``user_config`` arrive as
 bytes pickled by the calling Python client and go to replicas as they are.
 
+The autoscaler (``autoscaler.py``) sizes autoscaling backends from the loads routers
+report, and the adaptive bridge (``adaptive.py``) lets an adaptive Dask cluster grow
+for replicas and shrink around them; both change replicas only through the same
+desired state and replica manager as API calls.
+
 With a checkpoint path, the desired state is restored from it before anything
 serves, and every API call that changed it returns only once the new state is in
 the file (``checkpoint.py`` says what is stored and when a file is refused). A
@@ -37,11 +42,13 @@ from daskserve.tasks import spawn
 from daskserve.worker_plugin import PLUGIN_NAME as WORKER_PLUGIN_NAME
 from daskserve.worker_plugin import ServeWorkerPlugin
 
+from .adaptive import AdaptiveBridge
+from .autoscaler import Autoscaler
 from .checkpoint import CheckpointStore
 from .dashboard import ServeObservability
 from .proxies import ProxyFleet
 from .replicas import ReplicaManager
-from .state import ObservedState, describe_backend, routing_table
+from .state import BackendSpec, ObservedState, describe_backend, routing_table
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +83,10 @@ class ServeController(SchedulerPlugin):
             ControllerOp.LIST_ENDPOINTS: self.list_endpoints,
             ControllerOp.SET_TRAFFIC: self.set_traffic,
             ControllerOp.SHADOW_TRAFFIC: self.shadow_traffic,
+            ControllerOp.ENV_PREPARE: self.env_prepare,
+            ControllerOp.ENV_HOLD: self.env_hold,
+            ControllerOp.REPLICA_EXITED: self.replica_exited,
+            ControllerOp.REPORT_LOAD: self.report_load,
         }
         return {op: handler if op in _READ_ONLY else self._checkpointed(handler)
                 for op, handler in handlers.items()}
@@ -103,10 +114,17 @@ class ServeController(SchedulerPlugin):
         await scheduler.register_worker_plugin(None, dumps(ServeWorkerPlugin()),
                                                name=WORKER_PLUGIN_NAME, idempotent=True)
         self.replicas = ReplicaManager(scheduler, self.observed, self._publish)
+        self.autoscaler = Autoscaler(self.desired, self._config_turns, self._save,
+                                     self._reconcile_backend, self._spawn)
+        self.adaptive = AdaptiveBridge(scheduler, self.replicas.ledger, self.desired,
+                                       self.observed, self._migrate)
         self.proxies = ProxyFleet(scheduler, HTTPOptions(**self.http_options))
         await self.proxies.start()
         scheduler.handlers.update(self.handlers())
         self.observability = await ServeObservability(self).start()  # metrics, /serve page
+        self.adaptive.install()
+        self._spawn(self.autoscaler.run())
+        self._spawn(self.adaptive.run())
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
         await self._workers_settled()
@@ -130,6 +148,11 @@ class ServeController(SchedulerPlugin):
 
     async def close(self) -> None:
         await self._teardown()
+
+    def valid_workers_downscaling(self, scheduler: Any, workers: list) -> list:
+        """Dask asks which workers it may close: none that hosts a replica."""
+        adaptive = getattr(self, "adaptive", None)  # None before ``start``
+        return adaptive.valid_workers_downscaling(workers) if adaptive else workers
 
     # -- background work ----------------------------------------------------------------
     def _spawn(self, coro: Any) -> asyncio.Future:
@@ -156,6 +179,25 @@ class ServeController(SchedulerPlugin):
             if any(r.status == "pending" for r in observed.replicas.values()) or \
                     len(observed.replicas) < spec.num_replicas:
                 await self.replicas.reconcile(spec)
+
+    async def _save(self) -> None:
+        """Checkpoint a change made outside an API call (the autoscaler's)."""
+        if self.scheduler.status not in (Status.closing, Status.closed):
+            await self.checkpoint.save(self.desired)
+
+    async def _reconcile_backend(self, spec: BackendSpec) -> None:
+        await self._workers_settled()
+        errors = await self.replicas.reconcile(spec)
+        if errors:
+            logger.warning("backend %r: replicas failed to start: %s", spec.tag, errors[0])
+        if spec.tag not in self.desired.backends:
+            # Deleted while this scaled it: drain what reconcile may have started.
+            await self.replicas.remove_backend(spec.tag)
+
+    async def _migrate(self, tag: str, worker: str) -> None:
+        spec = self.desired.backends.get(tag)
+        if spec is not None:
+            await self.replicas.migrate(spec, worker)
 
     def _checkpointed(self, handler: Callable) -> Callable:
         """``handler``, returning only once the state it changed is checkpointed."""
@@ -237,7 +279,8 @@ class ServeController(SchedulerPlugin):
         return self.stamp()
 
     async def list_backends(self) -> dict[str, dict]:
-        return {tag: describe_backend(spec, self.observed.of(tag))
+        return {tag: describe_backend(spec, self.observed.of(tag),
+                                      self.autoscaler.status(spec))
                 for tag, spec in self.desired.backends.items()}
 
     async def get_backend_config(self, tag: str) -> dict:
@@ -260,6 +303,7 @@ class ServeController(SchedulerPlugin):
             except Exception:
                 self.desired.update_backend_config(tag, old, replace=True)
                 raise
+            self.autoscaler.config_changed(tag, old, backend.config)
             await self._publish()
         await self._workers_settled()
         errors = await self.replicas.reconcile(backend)
@@ -298,12 +342,29 @@ class ServeController(SchedulerPlugin):
         await self._publish()
         return self.stamp()
 
+    # -- packed environments and replica processes -------------------------------------
+    async def env_prepare(self, sha256: str, nchunks: int) -> list[int]:
+        return self.replicas.envs.prepare(sha256, nchunks)
+
+    async def env_hold(self, sha256: str, keys: list[str]) -> None:
+        self.replicas.envs.hold(sha256, keys)
+
+    async def replica_exited(self, replica: str, reason: str) -> None:
+        if self.replicas.lose_replica(replica, reason):
+            self._spawn(self._publish_and_reconcile())
+
+    # -- load --------------------------------------------------------------------------
+    async def report_load(self, listener: str, loads: dict) -> None:
+        """A router's requests in flight and waiting per backend (``LoadReport``)."""
+        self.autoscaler.report(listener, loads)
+
     # -- instance -----------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
         return {**self.stamp(), "http_options": self.http_options,
                 "checkpoint_path": self.checkpoint_path,
                 "proxies": self.proxies.addresses(),
-                "workers": self.replicas.ledger.snapshot()}
+                "workers": self.replicas.ledger.snapshot(),
+                "envs": self.replicas.envs.status()}
 
     async def shutdown(self) -> None:
         await self._teardown()
@@ -321,6 +382,7 @@ class ServeController(SchedulerPlugin):
         """Stop without dropping work already accepted: proxies stop accepting and
         finish their requests, replicas drain, and only then are routers told that
         the instance is gone (a router that knows fails what it still holds)."""
+        self.adaptive.uninstall()
         await self.proxies.stop()
         tags = list(self.desired.backends)
         self.desired.clear()
@@ -339,7 +401,10 @@ class ServeController(SchedulerPlugin):
 
 
 _READ_ONLY = frozenset({ControllerOp.LISTEN, ControllerOp.INFO, ControllerOp.LIST_BACKENDS,
-                        ControllerOp.GET_BACKEND_CONFIG, ControllerOp.LIST_ENDPOINTS})
+                        ControllerOp.GET_BACKEND_CONFIG, ControllerOp.LIST_ENDPOINTS,
+                        # (these change no desired state, so there is nothing to save)
+                        ControllerOp.ENV_PREPARE, ControllerOp.ENV_HOLD,
+                        ControllerOp.REPLICA_EXITED, ControllerOp.REPORT_LOAD})
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -76,9 +76,16 @@ class ServeObservability:
     # -- gathering ------------------------------------------------------------------------
     async def gather(self, names: list[str] | None = None,
                      workers: list[str] | None = None) -> tuple[list, dict, list]:
-        """Snapshots of this process and of ``workers`` (default: all), each process
-        once; the GPUs of each worker; the workers that did not answer in time."""
-        addresses = list(self.scheduler.workers) if workers is None else list(workers)
+        """Snapshots of this process and of ``workers`` (default: all, and the
+        processes of replicas that live outside their worker, as packed-env replicas
+        do), each process once; the GPUs of each worker; who did not answer in time."""
+        if workers is None:
+            addresses = list(self.scheduler.workers)
+            addresses += sorted({r.address for b in self.controller.observed.backends.values()
+                                 for r in b.replicas.values()
+                                 if r.address and r.address not in self.scheduler.workers})
+        else:
+            addresses = list(workers)
 
         async def ask(address: str) -> Any:
             call = getattr(self.scheduler.rpc(address), WorkerOp.METRICS)(names=names)
@@ -214,10 +221,12 @@ class ServeObservability:
         replicas = []
         for tag, spec in controller.desired.backends.items():
             observed = controller.observed.of(tag)
-            described = describe_backend(spec, observed)
+            autoscaler = getattr(controller, "autoscaler", None)
+            described = describe_backend(spec, observed,
+                                         autoscaler.status(spec) if autoscaler else None)
             config = {k: v for k, v in described.items()
                       if k not in ("user_config", "replica_options", "replicas", "status",
-                                   "pending_reason", "last_error")}
+                                   "pending_reason", "last_error", "autoscaling")}
             # user_config stays pickled here (the controller never unpickles user data)
             raw = spec.config.get("user_config")
             config["user_config"] = None if raw in (None, _NONE_PICKLED) else \
@@ -228,6 +237,7 @@ class ServeObservability:
                              "replicas": described.get("replicas"),
                              "pending_reason": described.get("pending_reason"),
                              "last_error": described.get("last_error"),
+                             "autoscaling": described.get("autoscaling"),
                              "router_queued": router_queued.get(tag, 0)}
             for replica in observed.replicas.values():
                 replicas.append({"tag": replica.tag, "backend": tag,

@@ -21,6 +21,7 @@ class WorkerCapacity:
     used: dict[str, float] = field(default_factory=dict)
     replicas: int = 0
     gpu_free: list[float] = field(default_factory=list)  # free share of each GPU
+    cordoned: bool = False  # leaving (retired, or emptied for it): place nothing new
 
     def __post_init__(self) -> None:
         if not self.gpu_free:
@@ -52,6 +53,9 @@ class ResourceLedger:
 
     def __init__(self) -> None:
         self.workers: dict[str, WorkerCapacity] = {}
+        # Spread replicas (fewer lost with a worker) unless the cluster adapts: then
+        # pack them, so that workers empty out and can be given back.
+        self.pack = False
 
     def add_worker(self, address: str, nthreads: int,
                    declared: dict[str, float], gpus_found: int) -> None:
@@ -67,11 +71,21 @@ class ResourceLedger:
         self.workers.pop(address, None)
 
     def choose(self, demand: dict[str, float]) -> str | None:
-        """The fitting worker with the fewest replicas, so replicas spread out."""
-        fitting = [w for w in self.workers.values() if w.fits(demand)]
+        """The fitting worker with the fewest replicas, so replicas spread out; when
+        packing, the fullest worker that already hosts replicas, then the fullest."""
+        fitting = [w for w in self.workers.values()
+                   if not w.cordoned and w.fits(demand)]
         if not fitting:
             return None
+        if self.pack:
+            return min(fitting, key=lambda w: (w.replicas == 0, w.free("CPU"),
+                                               w.address)).address
         return min(fitting, key=lambda w: (w.replicas, -w.free("CPU"), w.address)).address
+
+    def cordon(self, address: str, cordoned: bool = True) -> None:
+        worker = self.workers.get(address)
+        if worker is not None:
+            worker.cordoned = cordoned
 
     def reserve(self, address: str, demand: dict[str, float]) -> list[int]:
         """Book a demand on a worker; returns the indices of the GPUs it was given."""

@@ -21,16 +21,19 @@ from distributed import Client
 from daskserve import metrics
 from daskserve.config import ReplicaOptions
 from daskserve.errors import ReplicaConfigError
+from daskserve.envs.host import EnvHost
 from daskserve.gpus import count_gpus
 from daskserve.protocol import WorkerOp
 from daskserve.replica_host import ActorHost
 
+from .envs import EnvRegistry
 from .placement import ResourceLedger
 from .state import BackendReplicas, BackendSpec, ObservedState, ReplicaState
 
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 120.0
+REPLICA_KEY_PREFIX = "daskserve-replica-"  # Dask key of each replica's actor
 
 
 class ReplicaManager:
@@ -43,6 +46,7 @@ class ReplicaManager:
         self._client: Client | None = None
         self._client_lock = asyncio.Lock()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.envs = EnvRegistry(scheduler, self.client)
 
     async def client(self) -> Client:
         async with self._client_lock:
@@ -92,6 +96,8 @@ class ReplicaManager:
     # -- reconciliation -----------------------------------------------------------------
     async def reconcile(self, spec: BackendSpec) -> list[str]:
         """Start or drain replicas until ``num_replicas`` are live; returns start errors."""
+        if spec.replica_options.get("env") is not None:
+            self.envs.use(spec.tag, spec.replica_options["env"])
         return await self._reconcile(spec, spec.num_replicas)
 
     async def remove_backend(self, tag: str) -> None:
@@ -102,6 +108,22 @@ class ReplicaManager:
                 await self._scale(tag, observed, 0)
             self.observed.backends.pop(tag, None)
             self._locks.pop(tag, None)
+        await self.envs.drop(tag)
+
+    def lose_replica(self, tag: str, reason: str) -> bool:
+        """A replica's own process died (packed envs); True if it was live.
+
+        Like a lost worker: the replica is forgotten, and reconciliation starts a
+        replacement under a new tag.
+        """
+        for backend in self.observed.backends.values():
+            replica = backend.replicas.get(tag)
+            if replica is not None and replica.status in ("starting", "running"):
+                self._forget_actor(replica)
+                del backend.replicas[tag]
+                backend.last_error = f"replica {tag} lost: {reason}"
+                return True
+        return False
 
     async def _reconcile(self, spec: BackendSpec, target: int) -> list[str]:
         async with self._locks[spec.tag]:
@@ -118,6 +140,29 @@ class ReplicaManager:
                 observed.last_error = None
             await self._scale(spec.tag, observed, target)
             return errors
+
+    async def migrate(self, spec: BackendSpec, worker: str) -> None:
+        """Move a backend's replicas off ``worker``: start each replacement elsewhere
+        first, then drain the old one, so the backend never has fewer replicas
+        running than before. The caller cordons ``worker`` so no replacement lands
+        there. A replacement that fits nowhere stays pending and the old replica still
+        drains (the worker is going anyway); routers hold its requests until then."""
+        async with self._locks[spec.tag]:
+            observed = self.observed.of(spec.tag)
+            leaving = [r for r in observed.live() if r.worker == worker]
+            if not leaving:
+                return
+            demand = spec.demand()
+            for _ in leaving:
+                tag = f"{spec.tag}#{uuid.uuid4().hex[:8]}"
+                observed.replicas[tag] = ReplicaState(tag, spec.tag, demand)
+            errors = await self._start_pending(spec, observed)
+            if errors:
+                observed.last_error = errors[-1]
+            for replica in leaving:
+                replica.status = "draining"
+            await self._publish()  # routers stop choosing them before they drain
+            await asyncio.gather(*(self._stop(observed, r) for r in leaving))
 
     async def _scale(self, tag: str, observed: BackendReplicas, target: int) -> None:
         """Drain the surplus over ``target``, least advanced replicas first."""
@@ -156,11 +201,14 @@ class ReplicaManager:
     async def _start(self, spec: BackendSpec, observed: BackendReplicas,
                      replica: ReplicaState) -> str | None:
         client = await self.client()
-        env_vars = ReplicaOptions(**spec.replica_options).environment()
-        future = client.submit(ActorHost, spec.tag, replica.tag, spec.code, spec.config,
-                               env_vars, replica.gpu_slots, actor=True,
+        options = ReplicaOptions(**spec.replica_options)
+        host, args = ActorHost, (spec.tag, replica.tag, spec.code, spec.config,
+                                 options.environment(), replica.gpu_slots)
+        if options.env is not None:  # a child process under the env's interpreter
+            host, args = EnvHost, (*args, spec.replica_options["env"])
+        future = client.submit(host, *args, actor=True,
                                workers=[replica.worker], allow_other_workers=False,
-                               pure=False, key=f"daskserve-replica-{replica.tag}")
+                               pure=False, key=f"{REPLICA_KEY_PREFIX}{replica.tag}")
         replica.future = future
         try:
             await future

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from daskserve.config import BackendConfig, ReplicaOptions, normalize_methods
+from daskserve.config import AutoscalingConfig, BackendConfig, ReplicaOptions, normalize_methods
 from daskserve.errors import EndpointNotFoundError
 from daskserve.protocol import EndpointRoute, RoutingTable
 from daskserve.traffic import validate_traffic
@@ -29,6 +29,11 @@ class BackendSpec:
     @property
     def num_replicas(self) -> int:
         return self.config["num_replicas"]
+
+    @property
+    def autoscaling(self) -> AutoscalingConfig | None:
+        auto = self.config.get("autoscaling_config")
+        return AutoscalingConfig(**auto) if auto is not None else None
 
     def demand(self) -> dict[str, float]:
         return ReplicaOptions(**self.replica_options).demand()
@@ -95,8 +100,36 @@ class DesiredState:
         if not isinstance(changes, dict):
             raise TypeError("config changes must be a dict in wire form")
         config = dict(changes) if replace else {**spec.config, **changes}
+        auto = config.get("autoscaling_config")
+        if isinstance(auto, dict):
+            # The controller owns the count of an autoscaling backend: a count asked
+            # for by hand is refused, and a whole config sent back (``replace``)
+            # carries whatever count its sender last saw, so the current one stays,
+            # moved into the (possibly new) bounds.
+            if not replace and "num_replicas" in changes:
+                raise ValueError(f"backend {tag!r}: num_replicas and autoscaling_config "
+                                 f"are both set: with autoscaling_config the controller "
+                                 f"sets num_replicas itself; change min_replicas and "
+                                 f"max_replicas instead, or turn autoscaling off with "
+                                 f"autoscaling_config=None")
+            config["num_replicas"] = AutoscalingConfig.coerce(auto).clamp(spec.num_replicas)
         BackendConfig.validate_wire(config)
         old, spec.config = spec.config, config
+        self._changed()
+        return old
+
+    def set_num_replicas(self, tag: str, count: int) -> int:
+        """The autoscaler's change: a new count for an autoscaling backend, within
+        its bounds; returns the previous count."""
+        spec = self.backend(tag)
+        auto = spec.autoscaling
+        if auto is None:
+            raise ValueError(f"backend {tag!r} does not autoscale")
+        if auto.clamp(count) != count:
+            raise ValueError(f"backend {tag!r}: {count} replicas is outside "
+                             f"[{auto.min_replicas}, {auto.max_replicas}]")
+        old = spec.num_replicas
+        spec.config = {**spec.config, "num_replicas": count}
         self._changed()
         return old
 
@@ -286,8 +319,10 @@ class ObservedState:
 
 
 # -- views --------------------------------------------------------------------------------
-def describe_backend(spec: BackendSpec, observed: BackendReplicas) -> dict[str, Any]:
-    """``list_backends`` entry: the full config plus where its replicas stand."""
+def describe_backend(spec: BackendSpec, observed: BackendReplicas,
+                     autoscaling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``list_backends`` entry: the full config plus where its replicas stand, and
+    for an autoscaling backend its load and why its count last changed."""
     counts: dict[str, int] = {}
     for replica in observed.replicas.values():
         counts[replica.status] = counts.get(replica.status, 0) + 1
@@ -309,6 +344,7 @@ def describe_backend(spec: BackendSpec, observed: BackendReplicas) -> dict[str, 
         "pending_reason": (f"{pending} replica(s) wait for a worker with "
                            f"{spec.demand()} free") if pending else None,
         "last_error": observed.last_error,
+        "autoscaling": autoscaling,
     }
 
 
@@ -321,6 +357,7 @@ def routing_table(epoch: str, version: int, desired: DesiredState,
         "endpoints": {name: e.describe() for name, e in desired.endpoints.items()},
         "backends": {
             tag: {"max_concurrent_queries": spec.config["max_concurrent_queries"],
+                  **BackendConfig.queue_limits(spec.config),
                   "replicas": [{"tag": r.tag, "address": r.address}
                                for r in observed.running(tag)]}
             for tag, spec in desired.backends.items()

@@ -34,9 +34,14 @@ EXPECTED = {
         "classifier_score_count{backend=classifier,replica=classifier#...} 3.0",
         "classifier_threshold{backend=classifier,replica=classifier#...} 0.5",
         "serve_backend_request_counter_total{backend=classifier,replica=classifier#...} 3.0"],
+    "autoscaling.py": ["under load: 3 replicas on 3 workers",
+                       "after the load: 1 replica on 1 worker", "failed requests: 0"],
     "slurm_jobqueue.py": ["{'y': 6.0}", "replicas answer from 2 SLURM job(s)",
                           "after scale(jobs=1): replicas answer from 1 SLURM job(s)",
                           "{'running': 2}"],
+    "conflicting_dependencies.py": ["workers can import six: False",
+                                    "/six116 over HTTP: 1.16.0", "six116 via a handle: 1.16.0",
+                                    "/six117 over HTTP: 1.17.0", "six117 via a handle: 1.17.0"],
 }
 NEEDS_SLURM = {"slurm_jobqueue.py"}
 

@@ -256,6 +256,50 @@ def test_serve_start_on_slurm_cluster_survives_scaling(tmp_path, caplog):
     assert_no_lost_task_errors(caplog)
 
 
+def test_adaptive_jobqueue_cluster_follows_the_replicas(tmp_path, caplog):
+    """``cluster.adapt`` on SLURM: jobs start for replicas that fit nowhere and are
+    cancelled once the replicas are gone, with no request lost on the way."""
+    from distributed import Client
+
+    caplog.set_level(logging.WARNING)
+    port = free_port()
+    cluster = slurm_cluster(tmp_path)
+    dask_client = Client(cluster)
+    jobs_seen: set[str] = set()
+    try:
+        cluster.adapt(minimum=1, maximum=3, interval="500ms", wait_count=2)
+        dask_client.wait_for_workers(1, timeout=START_TIMEOUT)
+        serve_client = serve.start(dask_client, http_options={"port": port})
+        # One CPU each and one core per job: a job per replica.
+        serve_client.create_backend("where", WhereAmI, config={"num_replicas": 3})
+        serve_client.create_endpoint("where", backend="where", route="/where")
+        handle = serve_client.get_handle("where")
+        with Load(f"http://127.0.0.1:{port}", handle) as load:
+            wait_until(lambda: running_replicas(serve_client) == 3 and
+                       worker_count(dask_client) == 3, timeout=START_TIMEOUT,
+                       interval=0.2, what="3 replicas on 3 SLURM jobs")
+            jobs_seen |= job_ids(cluster)
+            load.wait_for_answers(100)
+            serve_client.update_backend_config("where", {"num_replicas": 1})
+            wait_until(lambda: worker_count(dask_client) == 1 and
+                       len(job_ids(cluster)) == 1, timeout=START_TIMEOUT, interval=0.2,
+                       what="the adaptive cluster to shrink to 1 job")
+            load.wait_for_answers(100)
+            assert all(t.is_alive() for t in load.threads), "raise MAX_REQUESTS_PER_THREAD"
+        (only_job,) = job_ids(cluster)
+        assert load.jobs[only_job] > 0 and len(jobs_seen) == 3
+        counts = load.counts
+        print(f"\nrequests: {dict(counts)}; answered by jobs {dict(load.jobs)}")
+        # Replicas left only by draining: nothing may fail, not even as unavailable.
+        assert counts["hung"] == counts["wrong"] == counts["unavailable"] == 0, \
+            (dict(counts), load.problems[:20])
+        serve_client.shutdown()
+    finally:
+        jobs_seen |= close_cluster(dask_client, cluster)
+    assert_no_jobs_left(jobs_seen)
+    assert_no_lost_task_errors(caplog)
+
+
 def test_preload_in_jobqueue_scheduler_options(tmp_path, caplog):
     from distributed import Client
 

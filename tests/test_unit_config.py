@@ -10,11 +10,17 @@ from daskserve.config import ReplicaOptions
 from daskserve.worker_plugin import ProcessEnvironment
 
 
-def test_packed_environment_is_refused_until_supported():
-    with pytest.raises(ValueError, match="replica_options.env"):
+def test_env_must_be_a_packed_env():
+    with pytest.raises(TypeError, match="replica_options.env must be a serve.PackedEnv"):
         ReplicaOptions(env="/some/env.tar.gz")
-    with pytest.raises(ValueError, match="replica_options.env"):
+    with pytest.raises(TypeError, match="replica_options.env"):
         ReplicaOptions.coerce({"env": object()})
+    with pytest.raises(ValueError, match="replica_options.env: missing"):
+        ReplicaOptions(env={"sha256": "0" * 64})
+    wire = {"sha256": "ab" * 32, "size": 10, "kind": "venv", "name": "x"}
+    options = ReplicaOptions(env=wire)
+    assert options.to_dict()["env"]["sha256"] == "ab" * 32
+    assert "env" not in ReplicaOptions().to_dict()
 
 
 @pytest.mark.parametrize("amount", [1.5, 2.3])
