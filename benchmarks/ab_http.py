@@ -1,7 +1,7 @@
 """HTTP noop throughput of this tree against another version, paired, in one run.
 
-    git archive main | tar -x -C /tmp/daskserve-main
-    python benchmarks/ab_http.py --baseline /tmp/daskserve-main [--rounds 6] [--duration 2]
+    git worktree add ../daskserve-main main
+    python benchmarks/ab_http.py --baseline ../daskserve-main [--rounds 6] [--duration 2]
 
 ``run.py`` measures one version at a time; on a shared machine the load moves more
 between two of its runs than the few percent a change could cost. Here every server
