@@ -440,3 +440,60 @@ def test_concurrent_scrapes_agree(serve_client, base_url):
     counts = {total(s, "serve_backend_request_counter_total", backend=backend)
               for s in scrapes}
     assert counts == {3}
+
+
+# -- replicas in their own process (packed environments) -------------------------------------
+def plain_answer(request):
+    return "from a packed env"
+
+
+@pytest.mark.slow
+def test_packed_env_replicas_metrics_reach_the_scrape(tmp_path, monkeypatch):
+    """A packed-env replica runs in a child process of its worker, with a server of its
+    own: the controller asks that process too."""
+    import sys
+    from pathlib import Path
+
+    import cloudpickle
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from conflicting_dependencies import make_venv
+
+    monkeypatch.setenv("DASKSERVE_PACK_CACHE", str(tmp_path / "packs"))
+    monkeypatch.setenv("DASKSERVE_ENV_CACHE", str(tmp_path / "unpacked"))  # workers inherit
+    env = serve.PackedEnv.from_venv(make_venv(str(tmp_path / "venv")))
+    # The env's interpreter cannot import this test module: send its functions by value.
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        _serve_from_packed_env(env)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+def _serve_from_packed_env(env) -> None:
+    from distributed import Client, LocalCluster
+
+    port = free_port()
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
+        client = serve.start(dask_client, http_options={"port": port})
+        try:
+            backend = name("packed")
+            client.create_backend(backend, plain_answer, replica_options={"env": env})
+            client.create_endpoint(backend, backend=backend, route=f"/{backend}")
+            for _ in range(3):
+                assert requests.get(f"http://127.0.0.1:{port}/{backend}",
+                                    timeout=TIMEOUT).text == "from a packed env"
+            s = scrape(f"http://127.0.0.1:{port}/-/metrics")
+            assert total(s, "serve_backend_request_counter_total", backend=backend) == 3
+            assert total(s, "serve_metrics_unanswered_workers") == 0
+            replica = next(dict(k)["replica"] for (n, k) in s
+                           if n == "serve_replica_processing_queries"
+                           and dict(k)["backend"] == backend)
+            status = requests.get(f"{dashboard(dask_client)}/serve/api/status",
+                                  timeout=TIMEOUT).json()
+            mine = [r for r in status["replicas"] if r["tag"] == replica]
+            assert mine and mine[0]["requests"] == 3 and mine[0]["in_flight"] == 0
+        finally:
+            client.shutdown()
