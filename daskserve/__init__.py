@@ -3,6 +3,7 @@ from .api import (connect, create_backend, create_endpoint, delete_backend,
                   delete_endpoint, get_backend_config, get_handle, list_backends,
                   list_endpoints, set_traffic, shadow_traffic, shutdown, start,
                   update_backend_config)
+from . import metrics  # serve.metrics.Counter/Gauge/Histogram
 from .batching import accept_batch
 from .client import ServeClient
 from .config import BackendConfig

@@ -8,8 +8,10 @@ user's handler is called once per list.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Awaitable, Callable
 
+from . import metrics
 from .tasks import spawn
 
 BATCH_ATTRIBUTE = "_daskserve_accept_batch"
@@ -42,13 +44,13 @@ class BatchQueue:
         self._run_batch = run_batch
         self._max_size = max_size
         self._wait_s = wait_s
-        self._items: list[tuple[Any, asyncio.Future]] = []
+        self._items: list[tuple[Any, asyncio.Future, float]] = []  # (item, future, since)
         self._timer: asyncio.Handle | None = None
 
     def submit(self, item: Any) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._items.append((item, future))
+        self._items.append((item, future, time.perf_counter()))
         if len(self._items) >= self._max_size:
             self._flush()
         elif self._timer is None:
@@ -66,9 +68,10 @@ class BatchQueue:
             batch, self._items = self._items[: self._max_size], self._items[self._max_size:]
             spawn(self._execute(batch))
 
-    async def _execute(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+    async def _execute(self, batch: list[tuple[Any, asyncio.Future, float]]) -> None:
         try:
-            results = await self._run_batch([item for item, _ in batch])
+            results = await metrics.run_batch(self._run_batch, [item for item, *_ in batch],
+                                              [since for *_, since in batch])
             if not isinstance(results, (list, tuple)) or len(results) != len(batch):
                 got = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
                 raise BatchLengthError(
@@ -76,10 +79,10 @@ class BatchQueue:
                     f"requests; it must return a list of the same length"
                 )
         except BaseException as exc:  # every request of this batch fails, others don't
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results):
+        for (_, future, _), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)

@@ -75,6 +75,8 @@ def demo(host: str, port: int, duration: float | None) -> None:
     click.echo(f"  try:    curl 'http://{host}:{port}/greet?name=dask'")
     click.echo(f"  routes: curl http://{host}:{port}/-/routes")
     click.echo(f"Dask dashboard: {client.dask_client.dashboard_link}")
+    click.echo(f"Serve page:     {client.dask_client.dashboard_link.rsplit('/', 1)[0]}/serve")
+    click.echo(f"  metrics: curl http://{host}:{port}/-/metrics")
     click.echo("Press Ctrl-C to stop.", err=True)
     try:
         _wait(stop, duration)

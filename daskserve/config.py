@@ -362,6 +362,9 @@ class HTTPOptions:
       sent; raise it with ``max_body_size`` for large uploads over slow links.
     - ``max_body_size`` (100 MiB) and ``request_timeout_s`` (none) bound what one
       request may send and how long its answer may take (413 and 504).
+    - ``access_log`` (off): one JSON line per request on the ``daskserve.access``
+      logger. Off by default because a busy proxy would write thousands of lines a
+      second that most deployments already get from their load balancer.
     """
 
     host: str = "127.0.0.1"
@@ -374,6 +377,7 @@ class HTTPOptions:
     header_timeout_s: float = 10.0
     keep_alive_timeout_s: float = 5.0
     body_timeout_s: float = 60.0
+    access_log: bool = False  # one JSON line per request on the "daskserve.access" logger
 
     def __post_init__(self) -> None:
         _check_type("http_options.host", self.host, (str,), "a string")
@@ -399,6 +403,7 @@ class HTTPOptions:
         for name in ("header_timeout_s", "keep_alive_timeout_s", "body_timeout_s"):
             _check_number(f"http_options.{name}", getattr(self, name), minimum=0,
                           allow_equal=False)
+        _check_type("http_options.access_log", self.access_log, (bool,), "True or False")
 
     @classmethod
     def coerce(cls, value: Mapping[str, Any] | None) -> "HTTPOptions":

@@ -28,7 +28,7 @@ import cloudpickle
 import dask
 from dask.utils import parse_timedelta
 
-from . import context
+from . import context, metrics
 from .batching import BatchQueue, accepts_batch
 from .config import BackendConfig
 from .errors import ServeError
@@ -132,6 +132,7 @@ class ReplicaExecutor:
         self._result_ttl = uncollected_result_ttl()
         self._sweeper: asyncio.Future | None = None
         self._idle: asyncio.Event | None = None
+        metrics.instrument_replica(self)  # observability; before any method is resolved
         if self._config.max_batch_size is not None and not self._method("__call__").batch:
             raise ValueError(
                 f"backend {backend_tag!r} sets max_batch_size but its handler is not "

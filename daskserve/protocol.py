@@ -39,6 +39,8 @@ class ControllerOp:
     LIST_ENDPOINTS = "daskserve_list_endpoints"
     SET_TRAFFIC = "daskserve_set_traffic"
     SHADOW_TRAFFIC = "daskserve_shadow_traffic"
+    # observability (scheduler_plugin/dashboard.py)
+    METRICS = "daskserve_metrics"  # the instance's metrics, Prometheus text (bytes)
     ENV_PREPARE = "daskserve_env_prepare"        # client: which chunks of an archive to send
     ENV_HOLD = "daskserve_env_hold"              # client: keep these scattered chunks
     REPLICA_EXITED = "daskserve_replica_exited"  # worker: a replica's own process died
@@ -58,6 +60,8 @@ class WorkerOp:
     LOCATE = "daskserve_locate"            # controller: where a replica answers CALL
     START_PROXY = "daskserve_start_proxy"  # controller: run an EveryNode proxy here
     STOP_PROXY = "daskserve_stop_proxy"
+    # observability: (names=None) -> {"process", "families", "gpus"}, see metrics.snapshot
+    METRICS = "daskserve_worker_metrics"
 
 
 # -- HTTP requests and responses ------------------------------------------------------

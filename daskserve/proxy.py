@@ -61,6 +61,7 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
         self.port: int | None = None
         self.in_flight = 0  # requests read whole and not yet answered
         self._idle: asyncio.Event | None = None
+        self.observer = metrics.ProxyObserver(options)  # observability: counts, access log
 
     async def start(self) -> None:
         try:
@@ -154,6 +155,8 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
             raw_path, path = path, _decode_path(path)
         if path.startswith("/-/"):
             response, route = self._builtin(path, method)
+            if route == "/-/metrics" and response[0] == 200:  # observability
+                response = await metrics.instance_exposition(self.router)
             exchange.write(response, route=route)
             return
         endpoint = self.router.routes.get(path)
@@ -391,7 +394,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
     """One request/response on a connection."""
 
     __slots__ = ("proxy", "connection", "start_line", "headers", "_chunks", "_size",
-                 "_rejected", "client", "query")
+                 "_rejected", "client", "query", "started")
 
     def __init__(self, proxy: Proxy, connection: httputil.HTTPConnection):
         self.proxy = proxy
@@ -405,6 +408,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
             tuple(address[:2]) if isinstance(address, tuple) else None)
 
     def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
+        self.started = time.perf_counter()  # observability: latency counts from here
         self.start_line = start_line
         self.headers = headers
         length = headers.get("Content-Length")
@@ -441,6 +445,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
             spawn(self._respond())
 
     async def _respond(self) -> None:
+        self.proxy.observer.begin()  # observability: in this request's own task
         try:
             await self.proxy.respond(self)
         except Exception as exc:  # a proxy bug must cost one request, not the proxy
@@ -471,7 +476,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         except ValueError:
             reason = "Unknown"
         method = self.start_line.method
-        metrics.record_http(route, method, status, endpoint)
+        self.proxy.observer.done(self, route, status, endpoint)  # observability
         try:
             # A HEAD answer carries GET's Content-Length but no body; Tornado refuses
             # body bytes after a HEAD request and would drop the connection.

@@ -35,7 +35,7 @@ import cloudpickle
 from distributed.comm.core import CommClosedError
 from distributed.core import ConnectionPool, send_recv
 
-from . import pickling
+from . import metrics, pickling
 from .errors import (BackPressureError, EndpointNotFoundError, QueueTimeoutError,
                      ReplicaUnavailableError, SerializationError, ServeError)
 from .http_codec import error_response
@@ -64,7 +64,7 @@ class Query:
 
     __slots__ = ("endpoint", "backend", "wire", "method", "args", "kwargs", "shard_key",
                  "future", "excluded", "attempts", "link", "ticket", "index", "queue",
-                 "queued_at")
+                 "queued_at", "trace")
 
     def __init__(self, endpoint: str, *, wire: WireRequest | None = None,
                  method: str = "__call__",
@@ -80,6 +80,7 @@ class Query:
         self.future = future  # None for shadow copies: nobody waits for them
         self.excluded: set[str] = set()
         self.attempts = 0
+        self.trace = metrics.access_trace() if future is not None else None  # observability
         self.link: ReplicaLink | None = None
         self.ticket: int | None = None
         self.index = 0
@@ -190,6 +191,8 @@ class ReplicaLink:
         raise _NotSent
 
     def send(self, query: Query) -> None:
+        if query.trace is not None:  # observability: the access log names the replica
+            query.trace.note(self.backend, self.tag)
         self.in_flight += 1
         query.link = self
         query.ticket = None
@@ -482,6 +485,7 @@ class Router:
         self._links: dict[str, ReplicaLink] = {}
         self._updated = asyncio.Event()
         self._listener: asyncio.Task | None = None
+        metrics.track_router(self)  # observability: scrapes read its queues
         self._waiting: set[str] = set()  # backends whose queue may hold queries
         self._sweeper: asyncio.Future | None = None
         self._reporter: asyncio.Future | None = None
@@ -623,6 +627,7 @@ class Router:
         if self.closed:
             query.fail(ServeError("this serve instance was shut down"))
             return
+        metrics.router_request(self, query.endpoint)  # observability
         endpoint = self._route(query)
         if endpoint is not None:
             for backend in endpoint.policy.shadow_targets():

@@ -25,6 +25,7 @@ import cloudpickle
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import pickling
+from . import metrics
 from .config import HTTPOptions
 from .executor import ReplicaExecutor
 from .protocol import CallReply, UpdateReply, WireRequest, WorkerOp
@@ -58,7 +59,8 @@ class ServeWorkerPlugin(WorkerPlugin):
                 WorkerOp.CANCEL: self.cancel,
                 WorkerOp.UPDATE: self.update, WorkerOp.DRAIN: self.drain,
                 WorkerOp.LOCATE: self.locate,
-                WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy}
+                WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy,
+                WorkerOp.METRICS: metrics.worker_snapshot}  # observability
 
     @classmethod
     def on(cls, worker: Any) -> "ServeWorkerPlugin":
@@ -80,6 +82,7 @@ class ServeWorkerPlugin(WorkerPlugin):
     def remove_replica(self, replica: str) -> None:
         self.executors.pop(replica, None)
         self._environment.remove(replica)
+        metrics.forget_replica(replica)  # observability: its series go with it
 
     def add_remote(self, replica: str, address: str) -> None:
         """A replica this worker hosts in another process, answering at ``address``."""

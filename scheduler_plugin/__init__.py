@@ -24,14 +24,18 @@ __all__ = ["PLUGIN_NAME", "ServeController", "dask_setup"]
 @click.option("--serve-http-location", default="HeadOnly", show_default=True,
               type=click.Choice(["HeadOnly", "EveryNode", "NoServer"]),
               help="Where HTTP proxies run.")
+@click.option("--serve-http-access-log", is_flag=True, default=False,
+              help="Log one JSON line per HTTP request (logger 'daskserve.access').")
 @click.option("--serve-checkpoint-path", default=None,
               help="File holding the serve state (backends, endpoints, traffic); "
                    "restored at start, rewritten after every change. Its directory "
                    "must exist.")
 def dask_setup(scheduler: Any, serve_http_host: str, serve_http_port: int,
-               serve_http_location: str, serve_checkpoint_path: str | None) -> None:
+               serve_http_location: str, serve_checkpoint_path: str | None,
+               serve_http_access_log: bool = False) -> None:
     controller = ServeController({"host": serve_http_host, "port": serve_http_port,
-                                  "location": serve_http_location},
+                                  "location": serve_http_location,
+                                  "access_log": serve_http_access_log},
                                  checkpoint_path=serve_checkpoint_path)
     # Preloads run before the scheduler starts its plugins, which starts this one.
     scheduler.add_plugin(controller, name=PLUGIN_NAME, idempotent=True)

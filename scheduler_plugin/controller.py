@@ -45,6 +45,7 @@ from daskserve.worker_plugin import ServeWorkerPlugin
 from .adaptive import AdaptiveBridge
 from .autoscaler import Autoscaler
 from .checkpoint import CheckpointStore
+from .dashboard import ServeObservability
 from .proxies import ProxyFleet
 from .replicas import ReplicaManager
 from .state import BackendSpec, ObservedState, describe_backend, routing_table
@@ -120,6 +121,7 @@ class ServeController(SchedulerPlugin):
         self.proxies = ProxyFleet(scheduler, HTTPOptions(**self.http_options))
         await self.proxies.start()
         scheduler.handlers.update(self.handlers())
+        self.observability = await ServeObservability(self).start()  # metrics, /serve page
         self.adaptive.install()
         self._spawn(self.autoscaler.run())
         self._spawn(self.adaptive.run())
@@ -390,6 +392,7 @@ class ServeController(SchedulerPlugin):
         for task in list(self._background):
             task.cancel()
         await self.replicas.close()
+        await self.observability.stop()  # observability
         if WORKER_PLUGIN_NAME in self.scheduler.worker_plugins:
             await self.scheduler.unregister_worker_plugin(None, name=WORKER_PLUGIN_NAME)
         for name in self.handlers():

@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable
 
 from distributed import Client
 
+from daskserve import metrics
 from daskserve.config import ReplicaOptions
 from daskserve.errors import ReplicaConfigError
 from daskserve.envs.host import EnvHost
@@ -232,6 +233,7 @@ class ReplicaManager:
             await self._stop(observed, replica)
             return None
         replica.status = "running"
+        metrics.replica_started(spec.tag)  # observability
         return None
 
     async def _stop(self, observed: BackendReplicas, replica: ReplicaState) -> None:

@@ -26,6 +26,14 @@ EXPECTED = {
     "gpu_placement.py": ["model_a RUNNING", "model_b RUNNING", "model_c PENDING",
                          "'backend': 'model_a'"],
     "composition.py": ["{'x': 3.0, 'scores': [7.0, 9.0], 'mean': 8.0}"],
+    "custom_metric.py": [
+        "classifier_predictions_total{backend=classifier,label=cat,model_version=v1,"
+        "replica=classifier#...} 2.0",
+        "classifier_predictions_total{backend=classifier,label=dog,model_version=v1,"
+        "replica=classifier#...} 1.0",
+        "classifier_score_count{backend=classifier,replica=classifier#...} 3.0",
+        "classifier_threshold{backend=classifier,replica=classifier#...} 0.5",
+        "serve_backend_request_counter_total{backend=classifier,replica=classifier#...} 3.0"],
     "autoscaling.py": ["under load: 3 replicas on 3 workers",
                        "after the load: 1 replica on 1 worker", "failed requests: 0"],
     "slurm_jobqueue.py": ["{'y': 6.0}", "replicas answer from 2 SLURM job(s)",
