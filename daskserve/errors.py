@@ -15,6 +15,12 @@ class ReplicaUnavailableError(ServeError):
         super().__init__(f"replica {replica!r} of backend {backend!r} failed: {reason}")
         self.backend = backend
         self.replica = replica
+        self.reason = reason
+
+    def __reduce__(self):
+        # Rebuilt from its parts (notes included): a Dask task that raises it sends it
+        # pickled to the client, and the default reduction would call __init__ badly.
+        return type(self), (self.backend, self.replica, self.reason), self.__dict__
 
 
 class ReplicaConfigError(ServeError):

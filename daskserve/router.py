@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any, Callable
 
 import cloudpickle
+from distributed.comm import get_address_host
 from distributed.comm.core import CommClosedError
 from distributed.core import ConnectionPool, send_recv
 
@@ -41,12 +42,12 @@ class Query:
     """One request on its way to a replica: an HTTP message or a handle call."""
 
     __slots__ = ("endpoint", "backend", "wire", "method", "args", "kwargs", "shard_key",
-                 "future", "excluded", "attempts")
+                 "future", "excluded", "attempts", "near")
 
     def __init__(self, endpoint: str, *, wire: WireRequest | None = None,
                  method: str = "__call__",
                  args: tuple = (), kwargs: dict | None = None, shard_key: Any = None,
-                 future: asyncio.Future | None = None):
+                 future: asyncio.Future | None = None, near: str | None = None):
         self.endpoint = endpoint
         self.backend: str | None = None
         self.wire = wire
@@ -57,6 +58,7 @@ class Query:
         self.future = future  # None for shadow copies: nobody waits for them
         self.excluded: set[str] = set()
         self.attempts = 0
+        self.near = near  # a worker address whose replicas to prefer (see _Backend.pick)
 
     def shadow_copy(self, backend: str) -> "Query":
         copy = Query(self.endpoint, wire=self.wire, method=self.method, args=self.args,
@@ -225,7 +227,7 @@ class _Endpoint:
 
 
 class _Backend:
-    __slots__ = ("tag", "max_concurrent", "links", "waiting")
+    __slots__ = ("tag", "max_concurrent", "links", "waiting", "_near")
 
     def __init__(self, tag: str, max_concurrent: int, links: list[ReplicaLink],
                  waiting: deque):
@@ -233,11 +235,16 @@ class _Backend:
         self.max_concurrent = max_concurrent
         self.links = links
         self.waiting = waiting
+        self._near: dict[str, list[ReplicaLink]] | None = None  # built on first use
 
     def _free(self, link: ReplicaLink, excluded: set[str]) -> bool:
         return link.in_flight < self.max_concurrent and link.tag not in excluded
 
-    def pick(self, excluded: set[str]) -> ReplicaLink | None:
+    def pick(self, excluded: set[str], near: str | None = None) -> ReplicaLink | None:
+        if near is not None:
+            link = self._pick_near(near, excluded)
+            if link is not None:
+                return link
         links = self.links
         if len(links) == 1:
             return links[0] if self._free(links[0], excluded) else None
@@ -250,6 +257,33 @@ class _Backend:
             return min((l for l in links if self._free(l, excluded)),
                        key=lambda l: l.in_flight, default=None)
         return None
+
+    # -- locality, for batch prediction (daskserve/batch.py) ---------------------------
+    def _pick_near(self, address: str, excluded: set[str]) -> ReplicaLink | None:
+        """A free replica answering on the worker ``address``, else one on its host.
+
+        A partition sent to its own worker's replica never crosses the network. Links
+        are indexed by address and host once per table, so this costs a dict lookup
+        plus a look at the replicas found there.
+        """
+        if self._near is None:
+            self._near = {}
+            for link in self.links:
+                self._near.setdefault(link.address, []).append(link)
+                self._near.setdefault(_host(link.address), []).append(link)
+        for key in (address, _host(address)):
+            best = min((l for l in self._near.get(key, ()) if self._free(l, excluded)),
+                       key=lambda l: l.in_flight, default=None)
+            if best is not None:
+                return best
+        return None
+
+
+def _host(address: str) -> str:
+    try:
+        return "host:" + get_address_host(address)
+    except ValueError:
+        return "host:" + address
 
 
 class Router:
@@ -414,7 +448,7 @@ class Router:
         if backend is None:
             query.fail(ServeError(f"backend {query.backend!r} does not exist"))
             return
-        link = backend.pick(query.excluded)
+        link = backend.pick(query.excluded, query.near)
         if link is None:
             backend.waiting.append(query)  # back-pressure: wait here, not in the replica
         else:
@@ -426,7 +460,7 @@ class Router:
             if waiting[0].abandoned:
                 waiting.popleft()
                 continue
-            link = backend.pick(waiting[0].excluded)
+            link = backend.pick(waiting[0].excluded, waiting[0].near)
             if link is None:
                 return
             link.send(waiting.popleft())
@@ -461,12 +495,14 @@ class Router:
             timer.cancel()
 
     async def call(self, endpoint: str, method: str, args: tuple, kwargs: dict,
-                   shard_key: Any = None, min_version: int = -1) -> Any:
+                   shard_key: Any = None, min_version: int = -1,
+                   near: str | None = None) -> Any:
+        """``near``: prefer replicas answering at that worker address (or its host)."""
         if self.version < max(min_version, 0):  # the first table is version 0 or later
             await self.wait_for_version(max(min_version, 0))
         future = asyncio.get_running_loop().create_future()
         self.submit(Query(endpoint, method=method, args=args, kwargs=kwargs,
-                          shard_key=shard_key, future=future))
+                          shard_key=shard_key, future=future, near=near))
         return await future
 
 

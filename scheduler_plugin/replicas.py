@@ -30,6 +30,7 @@ from .state import BackendReplicas, BackendSpec, ObservedState, ReplicaState
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 120.0
+REPLICA_START_PRIORITY = 1_000_000  # Dask task priority: higher runs first
 
 
 class ReplicaManager:
@@ -159,7 +160,10 @@ class ReplicaManager:
         future = client.submit(ActorHost, spec.tag, replica.tag, spec.code, spec.config,
                                env_vars, replica.gpu_slots, actor=True,
                                workers=[replica.worker], allow_other_workers=False,
-                               pure=False, key=f"daskserve-replica-{replica.tag}")
+                               pure=False, key=f"daskserve-replica-{replica.tag}",
+                               # Before any queued task: those may be waiting for it
+                               # (daskserve/batch.py).
+                               priority=REPLICA_START_PRIORITY)
         replica.future = future
         try:
             await future
