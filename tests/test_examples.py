@@ -26,6 +26,8 @@ EXPECTED = {
     "gpu_placement.py": ["model_a RUNNING", "model_b RUNNING", "model_c PENDING",
                          "'backend': 'model_a'"],
     "composition.py": ["{'x': 3.0, 'scores': [7.0, 9.0], 'mean': 8.0}"],
+    "batch_scoring.py": ["{'species': 'setosa'}", "scored 200000 rows in 8 partitions",
+                         ", failed: 0", "batch results match the model run locally: True"],
     "slurm_jobqueue.py": ["{'y': 6.0}", "replicas answer from 2 SLURM job(s)",
                           "after scale(jobs=1): replicas answer from 1 SLURM job(s)",
                           "{'running': 2}"],

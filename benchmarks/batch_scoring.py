@@ -1,0 +1,276 @@
+"""Batch scoring: ``handle.map_partitions`` against plain ``ddf.map_partitions``.
+
+    python benchmarks/batch_scoring.py [--partitions 24] [--rows 50000] [--repeats 2]
+                                       [--http-duration 5]
+
+Why: batch prediction through the live replicas is worth having only if it costs
+little next to the best a user could do without daskserve, which is plain Dask with
+the model loaded once per worker process and called inside each task. That is the
+ceiling here, measured in the same run, on the same cluster and data.
+
+Layout: a ``dask scheduler --preload scheduler_plugin`` process (controller and
+HTTP proxy), ``dask worker --nworkers 2 --nthreads 1`` (two processes with one task
+thread each; BLAS and OpenMP at one thread, so one model call uses one core) and
+this process as the driver. The model is a scikit-learn ``MLPClassifier`` (20
+features, two hidden layers of 256) with a per-row cost of about 11 us on one core.
+The backend runs two replicas with ``num_cpus=1``, one per worker. Each partition is
+made inside its task (``dd.from_map``, fused with the scoring by Dask, like
+``read_parquet``), so it starts on the worker that will send it.
+
+Rows (each run interleaved with the others, so drift on a shared machine hits all):
+- ceiling: ``ddf.map_partitions(score_cached)``, the model cached per worker process;
+- daskserve: ``handle.map_partitions(ddf)``; the replica on the task's worker is
+  preferred (``daskserve.batch.locality``, the default);
+- daskserve, locality off: the router picks any replica, as for any handle call;
+- transport alone: both paths with a handler that skips the model, so the gap is
+  what moving a partition to a replica and its result back costs (pickle, a
+  loopback TCP message, unpickle) with no model time to hide it.
+
+Each partition's result carries the pid of the process that scored it and of the
+one that made the rows, so the bytes that went to another worker are counted, not
+estimated. On one machine "another worker" is still loopback TCP; on a cluster
+those bytes cross the network. Then live HTTP (``wrk -c1`` and ``-c8`` on the same
+backend's route, one row per request): latency idle, and while a batch job runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import statistics
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+FEATURES = [f"f{i}" for i in range(20)]
+ROW_BYTES_IN = 8 * (len(FEATURES) + 1)    # 20 float64 features + the origin pid
+ROW_BYTES_OUT = 8 * 3                     # score, origin, scorer pid
+ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                     "MKL_NUM_THREADS")}
+
+# -- what runs on the workers (imported there by name: PYTHONPATH holds this folder) ----
+_cached_model = None  # the ceiling's model, loaded once per worker process
+
+
+def make_partition(index: int, rows: int):
+    import numpy as np
+    import pandas as pd
+
+    data = np.random.default_rng(index).normal(size=(rows, len(FEATURES)))
+    frame = pd.DataFrame(data, columns=FEATURES)
+    frame["origin"] = os.getpid()
+    return frame
+
+
+def _scored(frame, scores):
+    import pandas as pd
+
+    return pd.DataFrame({"score": scores, "origin": frame["origin"].to_numpy(),
+                         "scorer": os.getpid()}, index=frame.index)
+
+
+class Scorer:
+    """The served model: whole partitions by handle, single rows over HTTP."""
+
+    def __init__(self, model_blob: bytes):
+        self.model = pickle.loads(model_blob)
+
+    def score(self, frame):
+        return _scored(frame, self.model.predict_proba(frame[FEATURES].to_numpy())[:, 1])
+
+    def passthrough(self, frame):
+        import numpy as np
+
+        return _scored(frame, np.zeros(len(frame)))
+
+    def __call__(self, request):
+        import numpy as np
+
+        row = np.random.default_rng(int(request.query_params["row"])).normal(
+            size=(1, len(FEATURES)))
+        return {"score": float(self.model.predict_proba(row)[0, 1])}
+
+
+def install_model(model_blob: bytes) -> None:
+    global _cached_model
+    _cached_model = pickle.loads(model_blob)
+
+
+def score_cached(frame):
+    return _scored(frame, _cached_model.predict_proba(frame[FEATURES].to_numpy())[:, 1])
+
+
+def passthrough_local(frame):
+    import numpy as np
+
+    return _scored(frame, np.zeros(len(frame)))
+
+
+def summarize(scored):
+    """One row per partition: the driver fetches counts, not the scores."""
+    import pandas as pd
+
+    remote = int((scored["origin"] != scored["scorer"]).sum())
+    return pd.DataFrame({"rows": [len(scored)], "remote_rows": [remote],
+                         "score_sum": [float(scored["score"].sum())]})
+
+
+def set_locality(on: bool) -> None:
+    import dask
+
+    from daskserve.batch import LOCALITY_CONFIG
+
+    dask.config.set({LOCALITY_CONFIG: on})
+
+
+# -- the driver ----------------------------------------------------------------------------
+def train_model() -> bytes:
+    from sklearn.datasets import make_classification
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    X, y = make_classification(n_samples=2000, n_features=len(FEATURES), random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # speed is all we measure
+        model = MLPClassifier(hidden_layer_sizes=(256, 256), max_iter=5,
+                              random_state=0).fit(X, y)
+    return pickle.dumps(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--partitions", type=int, default=24)
+    parser.add_argument("--rows", type=int, default=50_000, help="rows per partition")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--http-duration", type=float, default=5.0)
+    args = parser.parse_args()
+
+    import dask.dataframe as dd
+    from distributed import Client
+
+    import batch_scoring as bench  # by name, so workers import it rather than unpickle it
+    import daskserve as serve
+    from run import free_port, process, run_wrk, wait_http
+
+    sched_port, http_port = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{sched_port}"
+    # The scheduler unpickles task graphs too, so both import this module by name.
+    env = {"DASK_DISTRIBUTED__ADMIN__EVENT_LOOP": "uvloop", **ONE_THREAD,
+           "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))}
+    with process(sys.executable, "-m", "distributed.cli.dask_scheduler", "--host",
+                 "127.0.0.1", "--port", str(sched_port), "--dashboard-address", ":0",
+                 "--preload", "scheduler_plugin", "--serve-http-port", str(http_port),
+                 env=env), \
+            process(sys.executable, "-m", "distributed.cli.dask_worker", address,
+                    "--nworkers", "2", "--nthreads", "1", "--dashboard-address", ":0",
+                    env=env), \
+            Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=60)
+        blob = train_model()
+        client.run(bench.install_model, blob)
+        sc = serve.connect(client)
+        sc.create_backend("scorer", bench.Scorer, blob, config={"num_replicas": 2},
+                          replica_options={"num_cpus": 1})
+        sc.create_endpoint("scorer", backend="scorer", route="/score")
+        handle = sc.get_handle("scorer")
+        url = f"http://127.0.0.1:{http_port}/score?row=7"
+        wait_http(url)
+
+        def frame(partitions=args.partitions, rows=args.rows):
+            return dd.from_map(bench.make_partition, range(partitions), rows=rows,
+                               meta=bench.make_partition(0, 0))
+
+        meta = {"score": "f8", "origin": "i8", "scorer": "i8"}
+        summary_meta = {"rows": "i8", "remote_rows": "i8", "score_sum": "f8"}
+        jobs = {
+            "ceiling": lambda: frame().map_partitions(bench.score_cached, meta=meta),
+            "daskserve": lambda: handle.options(method_name="score").map_partitions(
+                frame(), meta=meta),
+            "daskserve, locality off": lambda: handle.options(
+                method_name="score").map_partitions(frame(), meta=meta),
+            "transport alone: plain": lambda: frame().map_partitions(
+                bench.passthrough_local, meta=meta),
+            "transport alone: daskserve": lambda: handle.options(
+                method_name="passthrough").map_partitions(frame(), meta=meta),
+        }
+
+        def run(name):
+            client.run(bench.set_locality, "locality off" not in name)
+            job = jobs[name]().map_partitions(bench.summarize, meta=summary_meta)
+            start = time.perf_counter()
+            summary = job.compute()
+            seconds = time.perf_counter() - start
+            return {"rows": int(summary["rows"].sum()), "s": seconds,
+                    "remote_rows": int(summary["remote_rows"].sum()),
+                    "score_sum": float(summary["score_sum"].sum())}
+
+        for name in jobs:  # warm-up: routers, connections, imports
+            small = jobs[name]
+            jobs[name] = lambda small=small: small().partitions[:4]
+            run(name)
+            jobs[name] = small
+        results = {name: [] for name in jobs}
+        for _ in range(args.repeats):
+            for name in jobs:
+                results[name].append(run(name))
+        client.run(bench.set_locality, True)
+
+        http = {"idle": {c: run_wrk(url, c, args.http_duration) for c in (1, 8)}}
+        busy, during = {}, {}
+        for c in (1, 8):
+            job = jobs["daskserve"]().map_partitions(bench.summarize, meta=summary_meta)
+            start = time.perf_counter()
+            future = client.compute(job)
+            time.sleep(1.0)
+            busy[c] = run_wrk(url, c, args.http_duration)
+            overlapped = not future.done()
+            summary = future.result()
+            during[c] = {"rows/s": summary["rows"].sum() / (time.perf_counter() - start),
+                         "overlapped": overlapped}
+        http["during batch"] = busy
+        sc.shutdown()
+    report(args, results, http, during)
+
+
+def report(args, results, http, during) -> None:
+    print(f"\n{args.partitions} partitions x {args.rows:,} rows, {args.repeats} runs each "
+          f"(rows/s per run; ratio of medians to the ceiling)\n")
+    print("| path | rows/s | s per run | ratio | MB sent to another worker |")
+    print("|---|---|---|---|---|")
+    def median_rate(name):
+        return statistics.median(r["rows"] / r["s"] for r in results[name])
+
+    plain_transport = statistics.median(r["s"] for r in results["transport alone: plain"])
+    for name, runs in results.items():
+        rates = [r["rows"] / r["s"] for r in runs]
+        base = median_rate("transport alone: plain" if "transport" in name else "ceiling")
+        sent = [r["remote_rows"] * ROW_BYTES_IN / 1e6 for r in runs]
+        shown = " / ".join(f"{s:.0f}" for s in sent) if "daskserve" in name else "0 (no call)"
+        seconds = " / ".join(f"{r['s']:.2f}" for r in runs)
+        print(f"| {name} | {' / '.join(f'{x:,.0f}' for x in rates)} | {seconds} | "
+              f"{statistics.median(rates) / base:.3f} | {shown} |")
+    sums = {round(r["score_sum"], 3) for k in ("ceiling", "daskserve", "daskserve, locality off")
+            for r in results[k]}
+    print(f"\nscore sums agree across paths: {len(sums) == 1} ({sorted(sums)})")
+    extra = statistics.median(r["s"] for r in results["transport alone: daskserve"]) - \
+        plain_transport
+    print(f"transport cost per partition: {extra / args.partitions * 2 * 1e3:.1f} ms of "
+          f"worker time ({args.rows * ROW_BYTES_IN / 1e6:.1f} MB in, "
+          f"{args.rows * ROW_BYTES_OUT / 1e6:.1f} MB out; 2 workers)")
+    print("\n| HTTP GET /score (one row) | c | req/s | p50 ms | p99 ms | non-2xx |")
+    print("|---|---|---|---|---|---|")
+    for state, by_c in http.items():
+        for c, r in by_c.items():
+            print(f"| {state} | {c} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+                  f"{r['errors'] + r['timeouts']} |")
+    for c, d in during.items():
+        print(f"batch job beside HTTP c={c}: {d['rows/s']:,.0f} rows/s "
+              f"(job outlasted wrk: {d['overlapped']})")
+
+
+if __name__ == "__main__":
+    main()
