@@ -449,6 +449,8 @@ class Router:
             query.fail(ServeError(f"backend {query.backend!r} does not exist"))
             return
         link = backend.pick(query.excluded, query.near)
+        if query.near is not None:
+            import os, sys; print("PICK", os.getpid(), query.near, link and link.address, query.excluded, file=sys.stderr, flush=True)
         if link is None:
             backend.waiting.append(query)  # back-pressure: wait here, not in the replica
         else:

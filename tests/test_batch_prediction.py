@@ -16,7 +16,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 import daskserve as serve
 from daskserve.errors import ServeError
@@ -50,10 +50,9 @@ class LinearModel:
                         axis=1)
 
     def where(self, df):
-        """Which process built which model object, and which process held the rows."""
-        return pd.DataFrame({"origin": df["origin"], "replica_pid": os.getpid(),
-                             "model": id(self), "built": BUILT[self.replica]},
-                            index=df.index)
+        """Which process scored the rows, with which model object."""
+        return pd.DataFrame({"replica_pid": os.getpid(), "model": id(self),
+                             "built": BUILT[self.replica]}, index=df.index)
 
     def words(self, items, suffix=""):
         return [f"{item}{suffix}" for item in items]
@@ -97,8 +96,8 @@ def _frame(n_partitions=4, rows=5):
     return pdf, dd.from_pandas(pdf, npartitions=n_partitions)
 
 
-def _rows_here(i):
-    return pd.DataFrame({"origin": [os.getpid()] * 3}, index=[3 * i, 3 * i + 1, 3 * i + 2])
+def _rows(i):
+    return pd.DataFrame({"x": [1.0, 2.0, 3.0]}, index=[3 * i, 3 * i + 1, 3 * i + 2])
 
 
 # -- the three collection kinds -----------------------------------------------------------
@@ -160,15 +159,23 @@ def test_not_a_dask_collection_is_refused(serve_client):
 def test_calls_leave_from_the_task_to_a_replica_on_its_worker(serve_client):
     handle = _deploy(serve_client, "linear", LinearModel, [1.0],
                      config={"num_replicas": 2})
-    rows = dd.from_map(_rows_here, range(12))  # each partition made inside its task
-    seen = handle.options(method_name="where").map_partitions(
-        rows, meta={"origin": "i8", "replica_pid": "i8", "model": "i8", "built": "i8"}
-    ).compute()
-    worker_pids = set(serve_client.dask_client.run(os.getpid).values())
-    assert set(seen["replica_pid"]) == worker_pids  # one replica on each worker
-    assert (seen["origin"] == seen["replica_pid"]).all()  # no partition left its worker
-    # Two model objects served 12 partitions: built once per replica, never per task.
-    assert seen["model"].nunique() == 2 and set(seen["built"]) == {1}
+    dask_client = serve_client.dask_client
+    rows = dd.from_map(_rows, range(12))
+    scored = handle.options(method_name="where").map_partitions(
+        rows, meta={"replica_pid": "i8", "model": "i8", "built": "i8"})
+    with get_task_stream(dask_client) as stream:
+        seen = scored.compute()
+    # The task stream says where each partition's call left from.
+    pid_of = dask_client.run(os.getpid)
+    sender = {task["key"][1]: pid_of[task["worker"]] for task in stream.data
+              if isinstance(task["key"], tuple) and task["key"][0].startswith("serve-")}
+    assert sorted(sender) == list(range(12))
+    assert set(seen["replica_pid"]) == set(pid_of.values())  # one replica on each worker
+    for partition, rows_seen in seen.groupby(seen.index // 3):
+        assert set(rows_seen["replica_pid"]) == {sender[partition]}  # never left its worker
+    # One model object per replica served all its partitions: built once, never per task.
+    assert (seen.groupby("replica_pid")["model"].nunique() == 1).all()
+    assert set(seen["built"]) == {1}
 
 
 def test_locality_prefers_the_worker_then_the_host_then_any_free_replica():
