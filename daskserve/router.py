@@ -32,6 +32,7 @@ from .protocol import (CallMessage, CallReply, ControllerOp, RoutingTable, WireR
                        WireResponse, WorkerOp)
 from .tasks import spawn
 from .traffic import TrafficPolicy
+from .worker_plugin import in_process
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,18 @@ class ReplicaLink:
         if self._retired:  # it left the table after this batch was flushed to it
             self._on_done(self, batch, True)
             return
+        local = in_process(self.address)
+        if local is not None:  # the replica lives in this process: no comm, no copies
+            try:
+                reply = await local.call(**message)
+            except Exception as exc:  # what the worker would have refused the message with
+                self._fail(batch, exc)
+                return
+            if reply.get("retry"):
+                self._on_done(self, batch, True)
+                return
+            await self._deliver(reply, dict(enumerate(http)), dict(enumerate(calls)))
+            return
         connecting = asyncio.ensure_future(self._pool.connect(self.address))
         self._connecting.add(connecting)
         try:
@@ -194,8 +207,10 @@ class ReplicaLink:
             if "ticket" not in reply:
                 return
             try:
-                reply = await getattr(self._pool(self.address), WorkerOp.COLLECT)(
-                    replica=self.tag, ticket=reply["ticket"])
+                local = in_process(self.address)
+                collect = local.collect if local is not None else \
+                    getattr(self._pool(self.address), WorkerOp.COLLECT)
+                reply = await collect(replica=self.tag, ticket=reply["ticket"])
             except Exception as exc:
                 reply = {"lost": True, "error": exc}
             if reply.get("lost"):
@@ -449,8 +464,6 @@ class Router:
             query.fail(ServeError(f"backend {query.backend!r} does not exist"))
             return
         link = backend.pick(query.excluded, query.near)
-        if query.near is not None:
-            import os, sys; print("PICK", os.getpid(), query.near, link and link.address, query.excluded, file=sys.stderr, flush=True)
         if link is None:
             backend.waiting.append(query)  # back-pressure: wait here, not in the replica
         else:

@@ -5,6 +5,7 @@ replicas saw (their process ids and tags) rather than trusting the results alone
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -277,6 +278,32 @@ def _router_load(backend, dask_worker):
 
     home = _homes.get(dask_worker.scheduler.address)
     return home.router.load(backend) if home is not None and home.router else 0
+
+
+async def sleep_then_echo(seconds):
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+def test_calls_to_a_replica_in_the_same_process_skip_the_connection():
+    """Workers in this very process (processes=False): calls reach the replica without
+    a connection, and a slow call's result still comes back by ticket."""
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
+        client = serve.start(dask_client, http_options={"location": "NoServer"})
+        try:
+            handle = _deploy(client, "sleepy", sleep_then_echo)
+            slow, fast = handle.remote(0.3), handle.remote(0.0)  # one message, one tick
+            assert fast.result(timeout=TIMEOUT) == 0.0
+            assert slow.result(timeout=TIMEOUT) == 0.3
+            with pytest.raises(AttributeError, match="no method 'missing'"):
+                handle.options(method_name="missing").remote(1).result(timeout=TIMEOUT)
+            (worker,) = cluster.workers.values()
+            pool = dask_client.rpc
+            assert not pool.available.get(worker.address) and \
+                not pool.occupied.get(worker.address)
+        finally:
+            client.shutdown()
 
 
 def test_local_scheduler_calls_through_the_clients_own_router(serve_client):
