@@ -12,10 +12,10 @@ Layout: a ``dask scheduler --preload scheduler_plugin`` process (controller and
 HTTP proxy), ``dask worker --nworkers 2 --nthreads 1`` (two processes with one task
 thread each; BLAS and OpenMP at one thread, so one model call uses one core) and
 this process as the driver. The model is a scikit-learn ``MLPClassifier`` (20
-features, two hidden layers of 256) with a per-row cost of about 11 us on one core.
-The backend runs two replicas with ``num_cpus=1``, one per worker. Each partition is
-made inside its task (``dd.from_map``, fused with the scoring by Dask, like
-``read_parquet``), so it starts on the worker that will send it.
+features, two hidden layers of 256) costing 7-11 us of one core per row. The
+backend runs two replicas with ``num_cpus=1``, one per worker. Each partition is made
+on the cluster (``dd.from_map``, as ``read_parquet`` would read it), never in this
+process.
 
 Rows (runs are short and interleaved, so drift on a shared machine hits all alike;
 the table gives every run, the ratio of medians, the ratio of best runs (the least
@@ -26,16 +26,18 @@ processes spent per row, which other processes disturb far less than wall time):
   preferred (``daskserve.batch.locality``, the default);
 - daskserve, locality off: the router picks any replica, as for any handle call;
 - transport alone: both paths with a handler that skips the model, so the gap is
-  what moving a partition to a replica and its result back costs (pickle, a
-  loopback TCP message, unpickle) with no model time to hide it.
+  what moving a partition to a replica and its result back costs (a pickle and an
+  unpickle each way; a replica in the task's own process is called in process, one
+  in another process over TCP) with no model time to hide it.
 
 Each partition's result carries the pid of the process that scored it, and Dask's
 task stream says which worker ran the task that sent it, so the bytes daskserve
 sent to another worker are counted, not estimated (Dask may also move a partition
 between its own tasks, in every row alike; that is not counted). On one machine
-"another worker" is still loopback TCP; on a cluster those bytes cross the network. Then live HTTP (``wrk -c1`` and ``-c8`` on the same
-backend's route, one row per request): latency idle, and while batch jobs run back
-to back on the same replicas.
+"another worker" is still loopback TCP; on a cluster those bytes cross the network.
+
+Then live HTTP (``wrk -c1`` and ``-c8`` on the same backend's route, one row per
+request): latency idle, and while batch jobs run back to back on the same replicas.
 """
 from __future__ import annotations
 
@@ -276,8 +278,8 @@ def report(args, results, http, during) -> None:
               f"{statistics.median(mine) / statistics.median(base):.3f} | "
               f"{max(mine) / max(base):.3f} | {cpu_per_row(name):.2f} | "
               f"{cpu_per_row(base_name) / cpu_per_row(name):.3f} | {sent} |")
-    sums = {round(r["score_sum"], 3) for k in ("ceiling", "daskserve", "daskserve, locality off")
-            for r in results[k]}
+    scored = ("ceiling", "daskserve", "daskserve, locality off")
+    sums = {round(r["score_sum"], 3) for k in scored for r in results[k]}
     print(f"\nscore sums agree across paths: {len(sums) == 1} ({sorted(sums)})")
     for label, pick in (("median", statistics.median), ("best", min)):
         extra = pick(r["s"] for r in results["transport alone: daskserve"]) - \

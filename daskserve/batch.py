@@ -14,7 +14,8 @@ to a replica on that worker, or else on that host, when one is under
 key ``daskserve.batch.locality`` (default true) turns that preference off.
 
 Each partition is pickled once, by the router, in the message that carries it (and
-the result once, by the replica); nothing here copies or pickles it.
+the result once, by the replica); nothing here copies or pickles it. A replica in the
+task's own process gets the message in process, with no connection or copies.
 """
 from __future__ import annotations
 
@@ -66,9 +67,10 @@ def map_partitions(handle: _HandleBase, collection: Any, *args: Any, meta: Any =
 def _kind(collection: Any) -> str:
     """Which of the three collection kinds; imports only the one it is."""
     module = type(collection).__module__
-    for kind, package, names in (("dataframe", "dask.dataframe", ("DataFrame", "Series", "Index")),
-                                 ("bag", "dask.bag", ("Bag",)),
-                                 ("array", "dask.array", ("Array",))):
+    kinds = (("dataframe", "dask.dataframe", ("DataFrame", "Series", "Index")),
+             ("bag", "dask.bag", ("Bag",)),
+             ("array", "dask.array", ("Array",)))
+    for kind, package, names in kinds:
         if module.startswith(package + "."):
             mod = importlib.import_module(package)
             if isinstance(collection, tuple(getattr(mod, n) for n in names)):
@@ -94,7 +96,7 @@ def _map_blocks(handle: _HandleBase, x: Any, args: tuple, kwargs: dict, meta: An
 
     if meta is None:
         sample = np.ones((1,) + tuple(c[0] for c in x.chunks[1:]), dtype=x.dtype)
-        result = np.asarray(_call(handle, sample, None, args, kwargs, near=None))
+        result = np.asarray(_call(handle, sample, None, args, kwargs))
         meta = np.empty((0,) + result.shape[1:], dtype=result.dtype)
     elif not hasattr(meta, "ndim") or not hasattr(meta, "dtype"):
         meta = np.empty((0,), dtype=np.dtype(meta))  # a dtype, as dask's map_blocks takes
@@ -168,25 +170,21 @@ class _ArrayCall(_PartitionCall):
         return _call(self.handle, block, index, args, self.kwargs)
 
 
-_UNSET = object()
-
-
-def _call(handle: _HandleBase, partition: Any, index: Any, args: tuple, kwargs: dict,
-          near: Any = _UNSET) -> Any:
+def _call(handle: _HandleBase, partition: Any, index: Any, args: tuple,
+          kwargs: dict) -> Any:
     """One handle call from the current thread: on a worker, through that worker's
     router (registered as this process's home for the instance if nothing was yet),
     naming the worker as the place to prefer; elsewhere (Dask's local schedulers, the
     meta inference Dask runs in the client) through the caller's own home."""
     worker = _current_worker()
+    near = None
     if worker is not None:
         address = worker.scheduler.address
         register_home(address, worker.rpc, worker.loop.asyncio_loop)
-        if near is _UNSET and dask.config.get(LOCALITY_CONFIG, True):
+        if dask.config.get(LOCALITY_CONFIG, True):
             near = worker.address
     else:
         address = handle.scheduler_address
-    if near is _UNSET:
-        near = None
     router, loop = _router_for(address)
     if _on_loop_thread(loop):
         raise RuntimeError("map_partitions tasks must not run on the event loop of "
@@ -216,12 +214,18 @@ def _wait_making_room_for_replicas(future: concurrent.futures.Future, worker: An
     worker never holds more partitions in flight than it has threads.
     """
     while not concurrent.futures.wait([future], timeout=ROOM_CHECK_S).done:
-        if _replica_start_waits(worker):
-            from distributed import secede
+        if _replica_start_waits(worker) and _secede():
+            return  # the caller waits for the rest outside the pool
 
-            secede()
-            future.result()
-            return
+
+def _secede() -> bool:
+    from distributed import secede
+
+    try:
+        secede()
+    except Exception:  # not one of the worker's task threads: it holds no slot
+        return False
+    return True
 
 
 def _replica_start_waits(worker: Any) -> bool:
