@@ -24,7 +24,9 @@ class ReplicaUnavailableError(ServeError):
         self.reason = reason
 
     def __reduce__(self):
-        return type(self), (self.backend, self.replica, self.reason)
+        # Rebuilt from its parts (notes included): a Dask task that raises it sends it
+        # pickled to the client, and the default reduction would call __init__ badly.
+        return type(self), (self.backend, self.replica, self.reason), self.__dict__
 
 
 class BackPressureError(ServeError):

@@ -84,12 +84,21 @@ class _HandleBase:
         return (_rebuild, (type(self), self.scheduler_address, self.endpoint_name,
                            self.method_name, self.shard_key, self.min_version, self.epoch))
 
-    async def _call(self, router: Router, args: tuple, kwargs: dict) -> Any:
+    async def _call(self, router: Router, args: tuple, kwargs: dict,
+                    near: str | None = None) -> Any:
         if router.version < self.min_version or \
                 (self.epoch is not None and router.epoch != self.epoch):
             await router.wait_for_version(self.min_version, self.epoch)
         return await router.call(self.endpoint_name, self.method_name, args, kwargs,
-                                 self.shard_key)
+                                 self.shard_key, near=near)
+
+    def map_partitions(self, collection: Any, *args: Any, meta: Any = None,
+                       **kwargs: Any) -> Any:
+        """Score a Dask DataFrame, Bag or Array with this endpoint, lazily: one call
+        per partition, made by the task that holds it (see ``daskserve.batch``)."""
+        from .batch import map_partitions
+
+        return map_partitions(self, collection, *args, meta=meta, **kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(endpoint={self.endpoint_name!r})"

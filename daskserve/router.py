@@ -32,6 +32,7 @@ from collections import deque
 from typing import Any, Callable
 
 import cloudpickle
+from distributed.comm import get_address_host
 from distributed.comm.core import CommClosedError
 from distributed.core import ConnectionPool, send_recv
 
@@ -44,6 +45,7 @@ from .protocol import (CallMessage, CallReply, ControllerOp, RoutingTable, WireR
                        WireResponse, WorkerOp)
 from .tasks import spawn
 from .traffic import TrafficPolicy
+from .worker_plugin import in_process
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +66,12 @@ class Query:
 
     __slots__ = ("endpoint", "backend", "wire", "method", "args", "kwargs", "shard_key",
                  "future", "excluded", "attempts", "link", "ticket", "index", "queue",
-                 "queued_at", "trace")
+                 "queued_at", "trace", "near")
 
     def __init__(self, endpoint: str, *, wire: WireRequest | None = None,
                  method: str = "__call__",
                  args: tuple = (), kwargs: dict | None = None, shard_key: Any = None,
-                 future: asyncio.Future | None = None):
+                 future: asyncio.Future | None = None, near: str | None = None):
         self.endpoint = endpoint
         self.backend: str | None = None
         self.wire = wire
@@ -86,6 +88,7 @@ class Query:
         self.index = 0
         self.queue: _WaitQueue | None = None
         self.queued_at = 0.0
+        self.near = near  # a worker address whose replicas to prefer (see _Backend.pick)
 
     def shadow_copy(self, backend: str) -> "Query":
         copy = Query(self.endpoint, wire=self.wire, method=self.method, args=self.args,
@@ -258,26 +261,9 @@ class ReplicaLink:
                 query.ticket, query.index = ticket, index
             for index, query in enumerate(calls):
                 query.ticket, query.index = ticket, index
-            try:
-                comm = await self._connect()
-            except _NotSent:
-                # Nothing was sent, so nothing started: other replicas may take these.
-                self._on_done(self, http + calls, True)
+            reply = await self._send(http + calls, message)
+            if reply is None:
                 return
-            except RuntimeError as exc:  # the pool is closed: no replica is reachable
-                self._fail(http + calls, ServeError(f"cannot reach replica {self.tag!r}: {exc}"))
-                return
-            try:
-                reply = await send_recv(comm, op=WorkerOp.CALL, **message)
-            except (CommClosedError, OSError) as exc:
-                self._fail(http + calls, ReplicaUnavailableError(
-                    self.backend, self.tag, str(exc) or type(exc).__name__))
-                return
-            except Exception as exc:  # the worker refused the message itself
-                self._fail(http + calls, exc)
-                return
-            finally:
-                self._pool.reuse(self.address, comm)
             if reply.get("retry"):
                 self._on_done(self, http + calls, True)
             elif "undecodable" in reply:
@@ -289,6 +275,36 @@ class ReplicaLink:
             logger.exception("sending to replica %s of backend %s failed", self.tag,
                              self.backend)
             self._fail(batch, exc)
+
+    async def _send(self, queries: list[Query], message: CallMessage) -> CallReply | None:
+        """Send a CALL and return the reply; None when ``queries`` were settled here
+        (sent elsewhere, or failed) instead."""
+        local = in_process(self.address)
+        if local is not None:  # the replica lives in this process: no comm, no copies
+            try:
+                return await local.call(**message)
+            except Exception as exc:  # what the worker would have refused the message with
+                self._fail(queries, exc)
+                return None
+        try:
+            comm = await self._connect()
+        except _NotSent:
+            # Nothing was sent, so nothing started: other replicas may take these.
+            self._on_done(self, queries, True)
+            return None
+        except RuntimeError as exc:  # the pool is closed: no replica is reachable
+            self._fail(queries, ServeError(f"cannot reach replica {self.tag!r}: {exc}"))
+            return None
+        try:
+            return await send_recv(comm, op=WorkerOp.CALL, **message)
+        except (CommClosedError, OSError) as exc:
+            self._fail(queries, ReplicaUnavailableError(
+                self.backend, self.tag, str(exc) or type(exc).__name__))
+        except Exception as exc:  # the worker refused the message itself
+            self._fail(queries, exc)
+        finally:
+            self._pool.reuse(self.address, comm)
+        return None
 
     def _drop_unpicklable(self, calls: list[Query]) -> list[Query]:
         """The calls' one pickle failed: fail just the calls at fault, keep the rest."""
@@ -342,17 +358,21 @@ class ReplicaLink:
             if not any(q.link is self for q in (*http.values(), *calls.values())):
                 return  # all abandoned, and the replica told to cancel them
             try:
-                comm = await self._connect()
+                local = in_process(self.address)
+                comm = None if local is not None else await self._connect()
             except Exception as exc:  # _NotSent: the replica is gone, and its work
                 reply = {"lost": True, "error": exc}
             else:
                 try:
-                    reply = await send_recv(comm, op=WorkerOp.COLLECT, replica=self.tag,
-                                            ticket=ticket)
+                    reply = await (local.collect(replica=self.tag, ticket=ticket)
+                                   if comm is None else
+                                   send_recv(comm, op=WorkerOp.COLLECT, replica=self.tag,
+                                             ticket=ticket))
                 except Exception as exc:
                     reply = {"lost": True, "error": exc}
                 finally:
-                    self._pool.reuse(self.address, comm)
+                    if comm is not None:
+                        self._pool.reuse(self.address, comm)
             if reply.get("lost"):
                 reason = reply.get("error") or "the replica went away while running them"
                 self._fail([*http.values(), *calls.values()],
@@ -438,7 +458,7 @@ class _Endpoint:
 
 
 class _Backend:
-    __slots__ = ("tag", "max_concurrent", "max_queued", "queue_timeout", "links", "queue")
+    __slots__ = ("tag", "max_concurrent", "max_queued", "queue_timeout", "links", "queue", "_near")
 
     def __init__(self, tag: str, spec: dict, links: list[ReplicaLink], queue: _WaitQueue):
         self.tag = tag
@@ -447,11 +467,16 @@ class _Backend:
         self.queue_timeout = spec.get("queue_timeout_s")
         self.links = links
         self.queue = queue
+        self._near: dict[str, list[ReplicaLink]] | None = None  # built on first use
 
     def _free(self, link: ReplicaLink, excluded: set[str]) -> bool:
         return link.in_flight < self.max_concurrent and link.tag not in excluded
 
-    def pick(self, excluded: set[str]) -> ReplicaLink | None:
+    def pick(self, excluded: set[str], near: str | None = None) -> ReplicaLink | None:
+        if near is not None:
+            link = self._pick_near(near, excluded)
+            if link is not None:
+                return link
         links = self.links
         if len(links) == 1:
             return links[0] if self._free(links[0], excluded) else None
@@ -464,6 +489,33 @@ class _Backend:
             return min((l for l in links if self._free(l, excluded)),
                        key=lambda l: l.in_flight, default=None)
         return None
+
+    # -- locality, for batch prediction (daskserve/batch.py) ---------------------------
+    def _pick_near(self, address: str, excluded: set[str]) -> ReplicaLink | None:
+        """A free replica answering on the worker ``address``, else one on its host.
+
+        A partition sent to its own worker's replica never crosses the network. Links
+        are indexed by address and host once per table, so this costs a dict lookup
+        plus a look at the replicas found there.
+        """
+        if self._near is None:
+            self._near = {}
+            for link in self.links:
+                self._near.setdefault(link.address, []).append(link)
+                self._near.setdefault(_host(link.address), []).append(link)
+        for key in (address, _host(address)):
+            best = min((l for l in self._near.get(key, ()) if self._free(l, excluded)),
+                       key=lambda l: l.in_flight, default=None)
+            if best is not None:
+                return best
+        return None
+
+
+def _host(address: str) -> str:
+    try:
+        return "host:" + get_address_host(address)
+    except ValueError:
+        return "host:" + address
 
 
 class Router:
@@ -674,7 +726,7 @@ class Router:
         if backend is None:
             query.fail(ServeError(f"backend {query.backend!r} does not exist"))
             return
-        link = backend.pick(query.excluded)
+        link = backend.pick(query.excluded, query.near)
         if link is None:
             self._wait(backend, query)  # back-pressure: wait here, not in the replica
         else:
@@ -708,7 +760,7 @@ class Router:
                 waiting.popleft()
                 head.queue = None
                 continue
-            link = backend.pick(head.excluded)
+            link = backend.pick(head.excluded, head.near)
             if link is None:
                 return
             waiting.popleft()
@@ -804,12 +856,14 @@ class Router:
         return await self.answer(self.submit_http(endpoint, wire, shard_key), timeout)
 
     async def call(self, endpoint: str, method: str, args: tuple, kwargs: dict,
-                   shard_key: Any = None, min_version: int = -1) -> Any:
+                   shard_key: Any = None, min_version: int = -1,
+                   near: str | None = None) -> Any:
+        """``near``: prefer replicas answering at that worker address (or its host)."""
         if self.version < max(min_version, 0):  # the first table is version 0 or later
             await self.wait_for_version(max(min_version, 0))
         future = asyncio.get_running_loop().create_future()
         query = Query(endpoint, method=method, args=args, kwargs=kwargs,
-                      shard_key=shard_key, future=future)
+                      shard_key=shard_key, future=future, near=near)
         self.submit(query)
         try:
             return await future

@@ -34,6 +34,15 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "daskserve-worker"
 
+# The plugin of each worker living in this process, by worker address: a router here
+# calls a replica of its own process directly, with no connection and no message copies.
+_in_process: dict[str, "ServeWorkerPlugin"] = {}
+
+
+def in_process(address: str) -> "ServeWorkerPlugin | None":
+    """The plugin answering at ``address`` if that worker lives in this process."""
+    return _in_process.get(address)
+
 
 class ServeWorkerPlugin(WorkerPlugin):
     """The worker side of a serve instance."""
@@ -48,8 +57,11 @@ class ServeWorkerPlugin(WorkerPlugin):
         self.proxy: Any = None
         self._environment = ProcessEnvironment()
         worker.handlers.update(self.handlers())
+        _in_process[worker.address] = self
 
     async def teardown(self, worker: Any) -> None:
+        if _in_process.get(worker.address) is self:
+            del _in_process[worker.address]
         for name in self.handlers():
             worker.handlers.pop(name, None)
         await self.stop_proxy()

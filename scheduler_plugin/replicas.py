@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 120.0
 REPLICA_KEY_PREFIX = "daskserve-replica-"  # Dask key of each replica's actor
+REPLICA_START_PRIORITY = 1_000_000  # Dask task priority: higher runs first
 
 
 class ReplicaManager:
@@ -208,7 +209,10 @@ class ReplicaManager:
             host, args = EnvHost, (*args, spec.replica_options["env"])
         future = client.submit(host, *args, actor=True,
                                workers=[replica.worker], allow_other_workers=False,
-                               pure=False, key=f"{REPLICA_KEY_PREFIX}{replica.tag}")
+                               pure=False, key=f"{REPLICA_KEY_PREFIX}{replica.tag}",
+                               # Before any queued task: those may be waiting for it
+                               # (daskserve/batch.py).
+                               priority=REPLICA_START_PRIORITY)
         replica.future = future
         try:
             await future

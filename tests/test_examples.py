@@ -36,6 +36,8 @@ EXPECTED = {
         "serve_backend_request_counter_total{backend=classifier,replica=classifier#...} 3.0"],
     "autoscaling.py": ["under load: 3 replicas on 3 workers",
                        "after the load: 1 replica on 1 worker", "failed requests: 0"],
+    "batch_scoring.py": ["{'species': 'setosa'}", "scored 200000 rows in 8 partitions",
+                         ", failed: 0", "batch results match the model run locally: True"],
     "slurm_jobqueue.py": ["{'y': 6.0}", "replicas answer from 2 SLURM job(s)",
                           "after scale(jobs=1): replicas answer from 1 SLURM job(s)",
                           "{'running': 2}"],
