@@ -458,7 +458,8 @@ class _Endpoint:
 
 
 class _Backend:
-    __slots__ = ("tag", "max_concurrent", "max_queued", "queue_timeout", "links", "queue", "_near")
+    __slots__ = ("tag", "max_concurrent", "max_queued", "queue_timeout", "links", "queue",
+                 "_near")
 
     def __init__(self, tag: str, spec: dict, links: list[ReplicaLink], queue: _WaitQueue):
         self.tag = tag

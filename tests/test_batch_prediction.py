@@ -21,7 +21,7 @@ from distributed import Client, LocalCluster, get_task_stream
 
 import daskserve as serve
 from daskserve.errors import ServeError
-from daskserve.router import ReplicaLink, _Backend
+from daskserve.router import ReplicaLink, _Backend, _WaitQueue
 from conftest import wait_until
 
 TIMEOUT = 60
@@ -186,7 +186,8 @@ def test_locality_prefers_the_worker_then_the_host_then_any_free_replica():
     here, same_host, elsewhere = (link("here", "tcp://10.0.0.1:4001"),
                                   link("same_host", "tcp://10.0.0.1:4002"),
                                   link("elsewhere", "tcp://10.0.0.2:4001"))
-    backend = _Backend("b", 2, [elsewhere, same_host, here], None)
+    backend = _Backend("b", {"max_concurrent_queries": 2}, [elsewhere, same_host, here],
+                       _WaitQueue())
     worker = "tcp://10.0.0.1:4001"
     assert all(backend.pick(set(), worker) is here for _ in range(20))
     here.in_flight = 2  # at max_concurrent_queries: not free
