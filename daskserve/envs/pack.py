@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import lzma
+import importlib
 import os
 import re
 import shutil
@@ -202,22 +203,16 @@ def _run_packer(kind: str, prefix: str, cache: str) -> str:
     fd, output = tempfile.mkstemp(prefix=".packing-", suffix=".tar.gz", dir=cache)
     os.close(fd)
     try:
-        if kind == "venv":
-            try:
-                import venv_pack
-            except ImportError:
-                raise EnvError("PackedEnv.from_venv needs venv-pack: "
-                               "pip install venv-pack") from None
-            venv_pack.pack(prefix=prefix, output=output, format="tar.gz", force=True,
-                           verbose=False)
-        else:
-            try:
-                import conda_pack
-            except ImportError:
-                raise EnvError("PackedEnv.from_conda needs conda-pack: "
-                               "pip install conda-pack") from None
-            conda_pack.pack(prefix=prefix, output=output, format="tar.gz", force=True,
-                            verbose=False)
+        module, method = ("venv_pack", "from_venv") if kind == "venv" else \
+            ("conda_pack", "from_conda")
+        try:
+            packer = importlib.import_module(module)
+        except ImportError:
+            package = module.replace("_", "-")
+            raise EnvError(f"PackedEnv.{method} needs {package}: "
+                           f"pip install {package}") from None
+        packer.pack(prefix=prefix, output=output, format="tar.gz", force=True,
+                    verbose=False)
     except EnvError:
         os.unlink(output)
         raise
