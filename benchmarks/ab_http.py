@@ -47,9 +47,11 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def start_daskserve(stack: ExitStack, tree: str, access_log: bool) -> tuple[str, list[int]]:
+def start_daskserve(stack: ExitStack, tree: str, access_log: bool,
+                    handler=noop) -> tuple[str, list[int]]:
     """A scheduler (controller + proxy) and a worker importing daskserve from ``tree``;
-    returns the noop's URL and the two processes' ids."""
+    returns the noop's URL and the two processes' ids. ``handler`` must be defined in
+    ``__main__`` so that it travels by value."""
     from distributed import Client
 
     import daskserve as serve
@@ -68,7 +70,7 @@ def start_daskserve(stack: ExitStack, tree: str, access_log: bool) -> tuple[str,
     client = stack.enter_context(Client(address, timeout=60))
     client.wait_for_workers(1, timeout=60)
     sc = serve.connect(client)
-    sc.create_backend("noop", noop, replica_options={"num_cpus": 0.5})
+    sc.create_backend("noop", handler, replica_options={"num_cpus": 0.5})
     sc.create_endpoint("noop", backend="noop", route="/noop")
     url = f"http://127.0.0.1:{http_port}/noop"
     wait_http(url)

@@ -50,11 +50,16 @@ class ControllerOp:
 
 
 class WorkerOp:
-    """Worker handlers: the request fast path and the controller's replica commands."""
+    """Worker handlers: the request fast path and the controller's replica commands.
+
+    ``CALL``, ``COLLECT`` and ``CANCEL`` travel over the worker's request channel
+    (``daskserve.channel``), not over Dask comms; the others are Dask handlers.
+    """
 
     CALL = "daskserve_call"                # router: run a CallMessage, get a CallReply
     COLLECT = "daskserve_collect"          # router: the rest of a message, by ticket
     CANCEL = "daskserve_cancel"            # router: a CancelMessage; no reply needed
+    CHANNEL = "daskserve_channel"          # router: the address of the request channel
     UPDATE = "daskserve_update"            # controller: apply a new BackendConfig (UpdateReply)
     DRAIN = "daskserve_drain"              # controller: finish in-flight work, take no more
     LOCATE = "daskserve_locate"            # controller: where a replica answers CALL
@@ -92,7 +97,7 @@ class EndpointRoute(TypedDict):
 
 class ReplicaRoute(TypedDict):
     tag: str                     # the replica's name, unique in the instance
-    address: str                 # the Dask server that answers WorkerOp.CALL for it
+    address: str                 # the Dask server whose channel answers WorkerOp.CALL
 
 
 class BackendRoute(TypedDict):

@@ -26,17 +26,16 @@ import itertools
 import logging
 import pickle
 import random
-import select
 import time
 from collections import deque
 from typing import Any, Callable
 
 import cloudpickle
 from distributed.comm import get_address_host
-from distributed.comm.core import CommClosedError
-from distributed.core import ConnectionPool, send_recv
+from distributed.core import ConnectionPool
 
 from . import metrics, pickling
+from .channel import Channel, ChannelError, ChannelPool
 from .errors import (BackPressureError, EndpointNotFoundError, QueueTimeoutError,
                      ReplicaUnavailableError, SerializationError, ServeError)
 from .http_codec import error_response
@@ -135,17 +134,17 @@ class ReplicaLink:
     Cancellations of abandoned queries are coalesced the same way.
     """
 
-    __slots__ = ("backend", "tag", "address", "in_flight", "_pool", "_pending",
+    __slots__ = ("backend", "tag", "address", "in_flight", "_channels", "_pending",
                  "_flush_scheduled", "_on_done", "_tickets", "_cancels", "_connecting",
                  "_retired")
 
-    def __init__(self, backend: str, tag: str, address: str, pool: ConnectionPool,
+    def __init__(self, backend: str, tag: str, address: str, channels: ChannelPool,
                  on_done: Callable[["ReplicaLink", list, bool], None]):
         self.backend = backend
         self.tag = tag
         self.address = address
         self.in_flight = 0
-        self._pool = pool
+        self._channels = channels
         self._pending: list[Query] = []
         self._flush_scheduled = False
         self._on_done = on_done
@@ -166,31 +165,30 @@ class ReplicaLink:
         for connecting in self._connecting:
             connecting.cancel()
 
-    async def _connect(self) -> Any:
-        """An open comm to the replica; raises ``_NotSent`` when the replica cannot be
-        reached, in which case nothing was sent and other replicas may take the work.
+    async def _connect(self) -> Channel:
+        """The open channel to the replica's process; raises ``_NotSent`` when it
+        cannot be reached, in which case nothing was sent and other replicas may
+        take the work.
 
-        A pooled comm whose worker died while it sat idle has already received the
-        peer's close; sending on it would fail after the fact and lose requests that
-        never ran. Such comms are dropped here, before anything is written.
+        A channel reads all the time, so one whose process died while it sat idle
+        is already marked closed, and a new one is opened (or found impossible)
+        before anything is written: requests that never ran are never lost to it.
         """
-        while not self._retired:
-            connecting = asyncio.ensure_future(self._pool.connect(self.address))
+        channel = self._channels.ready(self.address)
+        if channel is not None:
+            return channel
+        if not self._retired:
+            connecting = asyncio.ensure_future(self._channels.get(self.address))
             self._connecting.add(connecting)
             try:
-                comm = await connecting
+                return await connecting
             except asyncio.CancelledError:
                 if not self._retired:
                     raise  # this task itself was cancelled, not only its connect
-                break
             except OSError:
-                break
+                pass
             finally:
                 self._connecting.discard(connecting)
-            if not _closed_by_peer(comm):
-                return comm
-            comm.abort()
-            self._pool.reuse(self.address, comm)  # a closed comm leaves the pool
         raise _NotSent
 
     def send(self, query: Query) -> None:
@@ -202,7 +200,7 @@ class ReplicaLink:
         self._pending.append(query)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            spawn(self._flush())  # its first step runs after this loop tick
 
     def abandon(self, query: Query) -> None:
         """Stop counting a query its caller gave up on; have the replica cancel it."""
@@ -217,10 +215,10 @@ class ReplicaLink:
             lists = self._cancels[query.ticket] = ([], [])
         lists[0 if query.wire is not None else 1].append(query.index)
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         self._flush_scheduled = False
-        spawn(self._exchange(batch))
+        await self._exchange(batch)
 
     def _flush_cancels(self) -> None:
         cancels, self._cancels = self._cancels, {}
@@ -229,8 +227,9 @@ class ReplicaLink:
 
     async def _send_cancels(self, cancels: list[list]) -> None:
         try:
-            await getattr(self._pool(self.address), WorkerOp.CANCEL)(
-                replica=self.tag, cancels=cancels)
+            channel = self._channels.ready(self.address)
+            if channel is not None:  # without one, the replica is gone with its work
+                await channel.request(WorkerOp.CANCEL, replica=self.tag, cancels=cancels)
         except Exception as exc:  # the replica is gone, and its work with it
             logger.debug("cancelling on replica %s failed: %r", self.tag, exc)
 
@@ -287,7 +286,7 @@ class ReplicaLink:
                 self._fail(queries, exc)
                 return None
         try:
-            comm = await self._connect()
+            channel = await self._connect()
         except _NotSent:
             # Nothing was sent, so nothing started: other replicas may take these.
             self._on_done(self, queries, True)
@@ -296,14 +295,12 @@ class ReplicaLink:
             self._fail(queries, ServeError(f"cannot reach replica {self.tag!r}: {exc}"))
             return None
         try:
-            return await send_recv(comm, op=WorkerOp.CALL, **message)
-        except (CommClosedError, OSError) as exc:
+            return await channel.request(WorkerOp.CALL, **message)
+        except OSError as exc:
             self._fail(queries, ReplicaUnavailableError(
                 self.backend, self.tag, str(exc) or type(exc).__name__))
-        except Exception as exc:  # the worker refused the message itself
-            self._fail(queries, exc)
-        finally:
-            self._pool.reuse(self.address, comm)
+        except ChannelError as exc:  # the worker refused the message itself
+            self._fail(queries, ServeError(f"replica {self.tag!r} refused a message: {exc}"))
         return None
 
     def _drop_unpicklable(self, calls: list[Query]) -> list[Query]:
@@ -359,20 +356,12 @@ class ReplicaLink:
                 return  # all abandoned, and the replica told to cancel them
             try:
                 local = in_process(self.address)
-                comm = None if local is not None else await self._connect()
-            except Exception as exc:  # _NotSent: the replica is gone, and its work
+                reply = await (local.collect(replica=self.tag, ticket=ticket)
+                               if local is not None else
+                               (await self._connect()).request(
+                                   WorkerOp.COLLECT, replica=self.tag, ticket=ticket))
+            except Exception as exc:  # _NotSent too: the replica is gone, and its work
                 reply = {"lost": True, "error": exc}
-            else:
-                try:
-                    reply = await (local.collect(replica=self.tag, ticket=ticket)
-                                   if comm is None else
-                                   send_recv(comm, op=WorkerOp.COLLECT, replica=self.tag,
-                                             ticket=ticket))
-                except Exception as exc:
-                    reply = {"lost": True, "error": exc}
-                finally:
-                    if comm is not None:
-                        self._pool.reuse(self.address, comm)
             if reply.get("lost"):
                 reason = reply.get("error") or "the replica went away while running them"
                 self._fail([*http.values(), *calls.values()],
@@ -528,6 +517,7 @@ class Router:
     def __init__(self, pool: ConnectionPool, scheduler_address: str,
                  listener_id: str | None = None):
         self._pool = pool
+        self._channels = ChannelPool(pool)
         self.scheduler_address = scheduler_address
         self.listener_id = listener_id or f"router-{next(self._ids)}-{random.getrandbits(32):x}"
         self.version = -1
@@ -576,7 +566,7 @@ class Router:
         backends: dict[str, _Backend] = {}
         for tag, spec in table["backends"].items():
             links = [self._links.get(r["tag"]) or ReplicaLink(tag, r["tag"], r["address"],
-                                                              self._pool, self._done)
+                                                              self._channels, self._done)
                      for r in spec["replicas"]]
             previous = old_backends.get(tag)
             backends[tag] = _Backend(tag, spec, links,
@@ -673,6 +663,7 @@ class Router:
             self._listener.cancel()
         if self._reporter is not None:
             self._reporter.cancel()
+        self._channels.close()
 
     # -- dispatch -----------------------------------------------------------------
     def submit(self, query: Query) -> None:
@@ -882,14 +873,3 @@ class Router:
 class _NotSent(Exception):
     """Nothing of a message left for its replica: safe to send it elsewhere."""
 
-
-def _closed_by_peer(comm: Any) -> bool:
-    """Whether an idle comm has input waiting, which on a Dask comm between calls can
-    only be the other end closing. Polled without blocking; comms without a socket
-    (in-process) are taken as open."""
-    sock = getattr(getattr(comm, "stream", None), "socket", None)
-    if sock is None:
-        return False
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))

@@ -4,7 +4,8 @@ The controller registers the plugin once per instance; Dask then sets it up on e
 worker, including workers that join later, before they run any task, so it is there
 before the first replica is placed. It holds:
 
-- the worker handlers of ``protocol.WorkerOp``, the fast path routers call;
+- the worker handlers of ``protocol.WorkerOp``, and the request channel that serves
+  the fast path routers call (``daskserve.channel``);
 - the registry of replica executors living in this process, keyed by replica tag;
 - the process environment replicas asked for (``replica_options.env_vars``);
 - the EveryNode HTTP proxy, when this worker runs one.
@@ -26,6 +27,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import pickling
 from . import metrics
+from .channel import ChannelServer
 from .config import HTTPOptions
 from .executor import ReplicaExecutor
 from .protocol import CallReply, UpdateReply, WireRequest, WorkerOp
@@ -50,12 +52,19 @@ class ServeWorkerPlugin(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = True
 
-    def setup(self, worker: Any) -> None:
+    async def setup(self, worker: Any) -> None:
         self.worker = worker
         self.executors: dict[str, ReplicaExecutor] = {}
         self.remote: dict[str, str] = {}  # replicas hosted here, served by a child process
         self.proxy: Any = None
         self._environment = ProcessEnvironment()
+        self.channel = ChannelServer({WorkerOp.CALL: self.call,
+                                      WorkerOp.COLLECT: self.collect,
+                                      WorkerOp.CANCEL: self.cancel})
+        security = getattr(worker, "security", None)
+        context = (security.get_listen_args("worker").get("ssl_context")
+                   if security is not None else None)
+        await self.channel.start(worker.address, context)
         worker.handlers.update(self.handlers())
         _in_process[worker.address] = self
 
@@ -65,14 +74,18 @@ class ServeWorkerPlugin(WorkerPlugin):
         for name in self.handlers():
             worker.handlers.pop(name, None)
         await self.stop_proxy()
+        await self.channel.stop()
 
     def handlers(self) -> dict[str, Callable]:
-        return {WorkerOp.CALL: self.call, WorkerOp.COLLECT: self.collect,
-                WorkerOp.CANCEL: self.cancel,
+        """The Dask handlers; the request path has its own channel."""
+        return {WorkerOp.CHANNEL: self.channel_address,
                 WorkerOp.UPDATE: self.update, WorkerOp.DRAIN: self.drain,
                 WorkerOp.LOCATE: self.locate,
                 WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy,
                 WorkerOp.METRICS: metrics.worker_snapshot}  # observability
+
+    def channel_address(self) -> str | None:
+        return self.channel.address
 
     @classmethod
     def on(cls, worker: Any) -> "ServeWorkerPlugin":

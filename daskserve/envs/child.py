@@ -90,8 +90,9 @@ async def _serve(payload: dict[str, Any], status: TextIO) -> None:
                         needs_workdir=False)
         await server
         await server.listen(payload["listen"], **security.get_listen_args("worker"))
+        server.security = security  # the request channel takes its TLS settings
         plugin = ServeWorkerPlugin()
-        plugin.setup(server)
+        await plugin.setup(server)
         register_home(payload["scheduler"], server.rpc, loop)
         replica = ReplicaContext(payload["backend_tag"], payload["replica_tag"],
                                  payload["scheduler"])
