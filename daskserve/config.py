@@ -135,6 +135,15 @@ class BackendConfig:
       this long fails (HTTP 503; handles raise ``QueueTimeoutError``). Raise it for
       backends whose replicas may take long to appear, such as on a cluster that
       must first grow.
+
+    Two fields let the controller find a replica that is alive but no longer serves
+    (every ``def`` handler thread stuck, an event loop blocked, the backend's own
+    ``check_health()`` raising) and replace it (``scheduler_plugin/health.py``):
+
+    - ``health_check_period_s`` (10 s): how often each running replica is probed.
+    - ``health_check_timeout_s`` (30 s): how long a probe may take, and how long a
+      replica may stay unhealthy, or run calls with none of them ending, before it
+      is replaced. Keep it above the longest call the backend serves.
     """
 
     num_replicas: int = _UnsetCount(1)
@@ -145,6 +154,8 @@ class BackendConfig:
     max_queued_requests: int = -1
     queue_timeout_s: float | None = 30.0
     autoscaling_config: dict[str, Any] | None = None
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check_number("num_replicas", self.num_replicas, minimum=0, integer=True)
@@ -159,6 +170,8 @@ class BackendConfig:
         if self.queue_timeout_s is not None:
             _check_number("queue_timeout_s", self.queue_timeout_s, minimum=0,
                           allow_equal=False)
+        for name in ("health_check_period_s", "health_check_timeout_s"):
+            _check_number(name, getattr(self, name), minimum=0, allow_equal=False)
         if self.max_batch_size is not None and self.max_batch_size > self.max_concurrent_queries:
             # A batch can only fill with requests the router lets through; refusing
             # beats silently capping every batch at the concurrency limit.
@@ -244,11 +257,21 @@ class BackendConfig:
 
     @classmethod
     def queue_limits(cls, wire: Mapping[str, Any]) -> dict[str, Any]:
-        """The fields routers apply to their wait queues (``protocol.BackendRoute``);
-        a config stored before they existed gets their defaults."""
+        """The fields routers apply to their wait queues (``protocol.BackendRoute``)."""
+        return cls._stored(wire, "max_queued_requests", "queue_timeout_s")
+
+    @classmethod
+    def health_check(cls, wire: Mapping[str, Any]) -> tuple[float, float]:
+        """``(health_check_period_s, health_check_timeout_s)`` of a stored config."""
+        stored = cls._stored(wire, "health_check_period_s", "health_check_timeout_s")
+        return stored["health_check_period_s"], stored["health_check_timeout_s"]
+
+    @classmethod
+    def _stored(cls, wire: Mapping[str, Any], *names: str) -> dict[str, Any]:
+        """Some fields of a wire-form config; one stored (checkpointed) before a field
+        existed gets that field's default."""
         defaults = {f.name: f.default for f in fields(cls)}
-        return {name: wire.get(name, defaults[name])
-                for name in ("max_queued_requests", "queue_timeout_s")}
+        return {name: wire.get(name, defaults[name]) for name in names}
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> "BackendConfig":

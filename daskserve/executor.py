@@ -31,9 +31,9 @@ from dask.utils import parse_timedelta
 from . import context, metrics
 from .batching import BatchQueue, accepts_batch
 from .config import BackendConfig
-from .errors import ServeError
-from .http_codec import build_request, encode_result, exception_response
-from .protocol import WireRequest, WireResponse
+from .errors import ReplicaUnavailableError, ServeError
+from .http_codec import build_request, encode_result, error_response, exception_response
+from .protocol import HealthReply, WireRequest, WireResponse
 from .tasks import spawn
 from .thread_hop import ThreadHop
 
@@ -132,6 +132,13 @@ class ReplicaExecutor:
         self._result_ttl = uncollected_result_ttl()
         self._sweeper: asyncio.Future | None = None
         self._idle: asyncio.Event | None = None
+        # What the health probe reports: calls in the handlers, since when some have
+        # run without a break, and when the last one ended (monotonic seconds).
+        self._running = 0
+        self._busy_since = 0.0
+        self._last_end = 0.0
+        self._check: asyncio.Future | None = None  # the probe's check, while it runs
+        self._aborted: str | None = None  # why ``abort`` failed the work in flight
         metrics.instrument_replica(self)  # observability; before any method is resolved
         if self._config.max_batch_size is not None and not self._method("__call__").batch:
             raise ValueError(
@@ -182,16 +189,23 @@ class ReplicaExecutor:
         return await self._hop.run(self._pool, call)
 
     async def _run(self, name: str, args: tuple, kwargs: dict) -> Any:
-        method = self._method(name)
-        if method.batch is None:
-            return await self._invoke(method, *args, **kwargs)
-        if kwargs or len(args) != 1:
-            raise TypeError(
-                f"backend {self.context.backend_tag!r} batches its inputs: each call must "
-                f"pass exactly one positional argument (got {len(args)} and {len(kwargs)} "
-                f"keyword arguments)"
-            )
-        return await method.batch.submit(args[0])
+        if not self._running:
+            self._busy_since = time.monotonic()
+        self._running += 1
+        try:
+            method = self._method(name)
+            if method.batch is None:
+                return await self._invoke(method, *args, **kwargs)
+            if kwargs or len(args) != 1:
+                raise TypeError(
+                    f"backend {self.context.backend_tag!r} batches its inputs: each call "
+                    f"must pass exactly one positional argument (got {len(args)} and "
+                    f"{len(kwargs)} keyword arguments)"
+                )
+            return await method.batch.submit(args[0])
+        finally:
+            self._running -= 1
+            self._last_end = time.monotonic()
 
     # -- requests ---------------------------------------------------------------
     async def _serve_http(self, wire: WireRequest) -> WireResponse:
@@ -238,6 +252,8 @@ class ReplicaExecutor:
                     uncancel = getattr(task, "uncancel", None)
                     if uncancel is not None:  # Python 3.11+ counts cancel requests
                         uncancel()
+                    if self._aborted is not None:
+                        return self._split({0: self._cancelled(n_http == 1)}, n_http, None)
                     return [], [], None
                 finally:
                     del self._inline[ticket]
@@ -322,11 +338,17 @@ class ReplicaExecutor:
         return self._split(results, entry.n_http, None)
 
     def _cancelled(self, is_http: bool) -> Any:
-        """The outcome of work cancelled by something other than its router."""
-        exc = ServeError(f"the request was cancelled in replica {self.context.replica_tag!r}")
-        if is_http:
-            return exception_response(exc, self.context.backend_tag, self.context.replica_tag)
-        return False, exc
+        """The outcome of work cancelled by something other than its router: an
+        ``abort`` (503, as for a replica that died), or anything else (500)."""
+        backend, replica = self.context.backend_tag, self.context.replica_tag
+        if self._aborted is None:
+            status, exc = 500, ServeError(f"the request was cancelled in replica {replica!r}")
+        else:
+            status, exc = 503, ReplicaUnavailableError(backend, replica, self._aborted)
+        if not is_http:
+            return False, exc
+        return error_response(status, type(exc).__name__, str(exc), backend=backend,
+                              replica=replica)
 
     @staticmethod
     def _split(done: dict[int, Any], n_http: int, ticket: int | None) -> Outcome:
@@ -374,6 +396,16 @@ class ReplicaExecutor:
         del self._tickets[ticket]
 
     # -- lifecycle --------------------------------------------------------------
+    async def _call_hook(self, hook: Callable, *args: Any) -> None:
+        """Run one of the backend's own hooks as requests run: a ``def`` one on the
+        replica's threads, an ``async def`` one on the loop."""
+        token = context.enter(self.context)
+        try:
+            await self._invoke(_Method(hook, inspect.iscoroutinefunction(hook), None),
+                               *args)
+        finally:
+            context.leave(token)
+
     async def _reconfigure(self, user_config: Any) -> None:
         hook = getattr(self._user, "reconfigure", None) if self._is_class else None
         if hook is None:
@@ -381,12 +413,7 @@ class ReplicaExecutor:
                 f"backend {self.context.backend_tag!r} got a user_config but defines no "
                 f"reconfigure(user_config) method"
             )
-        token = context.enter(self.context)
-        try:
-            await self._invoke(_Method(hook, inspect.iscoroutinefunction(hook), None),
-                               user_config)
-        finally:
-            context.leave(token)
+        await self._call_hook(hook, user_config)
 
     async def update_config(self, config: dict[str, Any], reconfigure: bool) -> None:
         """Apply a new BackendConfig; ``reconfigure`` says user_config changed."""
@@ -401,6 +428,64 @@ class ReplicaExecutor:
         if reconfigure:
             await self._reconfigure(new.user_config)
 
+    # -- health -------------------------------------------------------------------
+    async def health(self, timeout: float) -> HealthReply:
+        """Answer the controller's probe within about ``timeout`` seconds.
+
+        Runs the backend's ``check_health()`` if it has one, else a no-op, the way a
+        request would run: a ``def`` one on the replica's threads, so a replica whose
+        threads are all stuck fails the probe by not returning in time. One check
+        runs at a time; a probe arriving while one hangs waits on that one.
+        """
+        hook = getattr(self._user, "check_health", None) if self._is_class else None
+        if self._check is None or self._check.done():
+            self._check = spawn(self._checked(hook or _alive))
+        reply: HealthReply = {}
+        try:
+            error = await asyncio.wait_for(asyncio.shield(self._check), timeout)
+        except asyncio.TimeoutError:
+            error = (f"check_health() did not return within {timeout:g} s" if hook else
+                     f"none of its {self._config.max_concurrent_queries} handler "
+                     f"thread(s) came free within {timeout:g} s")
+        if error is not None:
+            reply["error"] = error
+        now = time.monotonic()
+        reply["running"] = self._running
+        reply["stalled_s"] = now - max(self._busy_since, self._last_end) \
+            if self._running else 0.0
+        return reply
+
+    async def _checked(self, hook: Callable) -> str | None:
+        """Why ``hook`` failed, or None if it returned."""
+        try:
+            await self._call_hook(hook)
+        except Exception as exc:
+            return f"check_health() raised {type(exc).__name__}: {exc}"
+        return None
+
+    def abort(self, reason: str) -> None:
+        """Fail all in-flight work with ``ReplicaUnavailableError`` and take no more:
+        the controller found this replica wedged and is replacing it.
+
+        Async handlers are cancelled. Sync ones stuck in their threads stay there
+        (Python cannot stop a thread), but their callers get the error now, and work
+        queued behind them never starts.
+        """
+        self._aborted = reason
+        self.draining = True
+        for ticket, task in self._inline.items():
+            self._inline_cancelled.add(ticket)
+            task.cancel()
+        for ticket, entry in list(self._tickets.items()):
+            for task in entry.tasks.values():
+                task.cancel()
+            if not entry.collecting:  # a later COLLECT finds the replica gone
+                self._settle(len(entry.tasks))
+                del self._tickets[ticket]
+        if self._check is not None:
+            self._check.cancel()
+        self._pool.shutdown(wait=False)
+
     async def drain(self) -> None:
         """Stop taking requests and return once every in-flight one has finished.
 
@@ -412,3 +497,8 @@ class ReplicaExecutor:
             self._idle = asyncio.Event()
             await self._idle.wait()
         self._pool.shutdown(wait=False)
+
+
+def _alive() -> None:
+    """The health check of a backend without ``check_health``: returns as soon as one
+    of the replica's handler threads is free to run it."""

@@ -97,6 +97,9 @@ BATCH_SIZE = _PromHistogram(
 REPLICA_STARTS = _PromCounter(
     "serve_backend_replica_starts", "Replicas that started, first ones and "
     "replacements of lost ones alike", ["backend"], registry=REGISTRY)
+REPLICA_HEALTH_FAILURES = _PromCounter(
+    "serve_replica_health_failures", "Replicas the controller found unhealthy (wedged, "
+    "or failing check_health) and replaced", ["backend"], registry=REGISTRY)
 
 # Gauges read from live objects at scrape time (see _StateCollector).
 REPLICA_QUEUED = "serve_replica_queued_queries"
@@ -112,8 +115,9 @@ BUILTIN_NAMES = frozenset({
     "serve_num_router_requests", "serve_backend_request_counter",
     "serve_backend_error_counter", "serve_backend_queuing_latency_ms",
     "serve_backend_processing_latency_ms", "serve_replica_batch_size",
-    "serve_backend_replica_starts", REPLICA_QUEUED, REPLICA_PROCESSING, ROUTER_QUEUED,
-    ROUTER_IN_FLIGHT, GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL})
+    "serve_backend_replica_starts", "serve_replica_health_failures", REPLICA_QUEUED,
+    REPLICA_PROCESSING, ROUTER_QUEUED, ROUTER_IN_FLIGHT, GPU_UTILIZATION, GPU_MEMORY_USED,
+    GPU_MEMORY_TOTAL})
 
 _now = time.perf_counter
 
@@ -391,6 +395,10 @@ def _replica_gauges() -> Iterable[Metric]:
 # -- controller -----------------------------------------------------------------------------
 def replica_started(backend: str) -> None:
     REPLICA_STARTS.labels(backend).inc()
+
+
+def replica_unhealthy(backend: str) -> None:
+    REPLICA_HEALTH_FAILURES.labels(backend).inc()
 
 
 class _StateCollector:

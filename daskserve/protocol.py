@@ -63,6 +63,9 @@ class WorkerOp:
     UPDATE = "daskserve_update"            # controller: apply a new BackendConfig (UpdateReply)
     DRAIN = "daskserve_drain"              # controller: finish in-flight work, take no more
     LOCATE = "daskserve_locate"            # controller: where a replica answers CALL
+    HEALTH = "daskserve_health"            # controller: probe a replica (HealthReply)
+    ABORT = "daskserve_abort"              # controller: fail a wedged replica's work and
+    #   forget it; no reply needed
     START_PROXY = "daskserve_start_proxy"  # controller: run an EveryNode proxy here
     STOP_PROXY = "daskserve_stop_proxy"
     # observability: (names=None) -> {"process", "families", "gpus"}, see metrics.snapshot
@@ -197,3 +200,17 @@ class UpdateReply(TypedDict, total=False):
     applied: bool                # False: not applied (no such replica here, or error)
     error: bytes
     message: str                 # the error as text, for logs and messages
+
+
+class HealthReply(TypedDict, total=False):
+    """A replica's answer to WorkerOp.HEALTH ``(replica, timeout)``.
+
+    Facts only; the controller decides what is unhealthy (``scheduler_plugin.health``).
+    """
+
+    running: int                 # calls in the replica's handlers now
+    stalled_s: float             # how long those have run with none of them ending
+                                 # (0 when none runs)
+    error: str                   # check_health raised, or did not return within
+                                 # ``timeout`` (without one: no handler thread came free)
+    missing: bool                # no such replica here

@@ -30,7 +30,7 @@ from . import metrics
 from .channel import ChannelServer
 from .config import HTTPOptions
 from .executor import ReplicaExecutor
-from .protocol import CallReply, UpdateReply, WireRequest, WorkerOp
+from .protocol import CallReply, HealthReply, UpdateReply, WireRequest, WorkerOp
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class ServeWorkerPlugin(WorkerPlugin):
         return {WorkerOp.CHANNEL: self.channel_address,
                 WorkerOp.UPDATE: self.update, WorkerOp.DRAIN: self.drain,
                 WorkerOp.LOCATE: self.locate,
+                WorkerOp.HEALTH: self.health, WorkerOp.ABORT: self.abort,
                 WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy,
                 WorkerOp.METRICS: metrics.worker_snapshot}  # observability
 
@@ -171,6 +172,18 @@ class ServeWorkerPlugin(WorkerPlugin):
             await executor.drain()
             self.remove_replica(replica)
         return True
+
+    async def health(self, replica: str, timeout: float) -> HealthReply:
+        executor = self.executors.get(replica)
+        return {"missing": True} if executor is None else await executor.health(timeout)
+
+    def abort(self, replica: str, reason: str) -> None:
+        """Fail a wedged replica's in-flight work and forget it (its actor goes next);
+        unlike ``drain``, nothing is waited for."""
+        executor = self.executors.get(replica)
+        if executor is not None:
+            executor.abort(reason)
+            self.remove_replica(replica)
 
     async def start_proxy(self, options: dict, listener_id: str) -> int:
         """Run an EveryNode proxy in this worker; returns its port."""

@@ -14,7 +14,8 @@ bytes pickled by the calling Python client and go to replicas as they are.
 The autoscaler (``autoscaler.py``) sizes autoscaling backends from the loads routers
 report, and the adaptive bridge (``adaptive.py``) lets an adaptive Dask cluster grow
 for replicas and shrink around them; both change replicas only through the same
-desired state and replica manager as API calls.
+desired state and replica manager as API calls. The health monitor (``health.py``)
+finds replicas that stay wedged; the replica manager replaces them.
 
 With a checkpoint path, the desired state is restored from it before anything
 serves, and every API call that changed it returns only once the new state is in
@@ -46,9 +47,11 @@ from .adaptive import AdaptiveBridge
 from .autoscaler import Autoscaler
 from .checkpoint import CheckpointStore
 from .dashboard import ServeObservability
+from .health import HealthMonitor
 from .proxies import ProxyFleet
 from .replicas import ReplicaManager
-from .state import BackendSpec, ObservedState, describe_backend, routing_table
+from .state import (BackendSpec, ObservedState, ReplicaState, describe_backend,
+                    routing_table)
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +128,8 @@ class ServeController(SchedulerPlugin):
         self.adaptive.install()
         self._spawn(self.autoscaler.run())
         self._spawn(self.adaptive.run())
+        self._spawn(HealthMonitor(scheduler.rpc, self.desired, self.observed,
+                                  self._replace_unhealthy).run())
         for address in list(scheduler.workers):
             self.add_worker(scheduler, address)
         await self._workers_settled()
@@ -168,6 +173,13 @@ class ServeController(SchedulerPlugin):
         if state is not None:
             await self.proxies.add_worker(address, state.host)
         await self._reconcile_all()
+
+    def _replace_unhealthy(self, replica: ReplicaState, reason: str) -> None:
+        self._spawn(self._replace(replica, reason))
+
+    async def _replace(self, replica: ReplicaState, reason: str) -> None:
+        if await self.replicas.replace_unhealthy(replica, reason):
+            await self._reconcile_all()
 
     async def _publish_and_reconcile(self) -> None:
         await self._publish()

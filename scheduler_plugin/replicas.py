@@ -6,7 +6,9 @@ by Dask actors (``daskserve.replica_host.ActorHost``) created through the
 controller's own client, which holds their futures for as long as they live.
 Scale-down drains: a replica leaves the routing table first, then is told to finish
 what it has (new arrivals are bounced back to the router and retried elsewhere), and
-only then is its actor released.
+only then is its actor released. A replica the health monitor found wedged
+(``health.py``) cannot drain: it leaves the routing table, its in-flight work is
+failed at once (``WorkerOp.ABORT``), and its resources go to a replacement.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from .state import BackendReplicas, BackendSpec, ObservedState, ReplicaState
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 120.0
+ABORT_TIMEOUT_S = 10.0  # a worker whose event loop is blocked never answers
 REPLICA_KEY_PREFIX = "daskserve-replica-"  # Dask key of each replica's actor
 REPLICA_START_PRIORITY = 1_000_000  # Dask task priority: higher runs first
 
@@ -125,6 +128,36 @@ class ReplicaManager:
                 backend.last_error = f"replica {tag} lost: {reason}"
                 return True
         return False
+
+    async def replace_unhealthy(self, replica: ReplicaState, reason: str) -> bool:
+        """Take a replica found unhealthy out of service; True if it was still running.
+
+        Routers stop choosing it first; then its in-flight requests fail with
+        ``ReplicaUnavailableError`` (HTTP 503) instead of waiting on it for ever, and
+        its resources are released, so that reconciliation can start its replacement
+        under a new tag, on the same worker if need be.
+        """
+        observed = self.observed.backends.get(replica.backend)
+        if observed is None or observed.replicas.get(replica.tag) is not replica or \
+                replica.status != "running":
+            return False  # lost, drained or replaced meanwhile
+        del observed.replicas[replica.tag]
+        observed.unhealthy_replaced += 1
+        observed.last_unhealthy = f"replica {replica.tag}: {reason}"
+        logger.warning("backend %r: replica %r is unhealthy and is being replaced: %s",
+                       replica.backend, replica.tag, reason)
+        metrics.replica_unhealthy(replica.backend)  # observability
+        await self._publish()
+        try:
+            await asyncio.wait_for(
+                getattr(self._scheduler.rpc(replica.address), WorkerOp.ABORT)(
+                    replica=replica.tag,
+                    reason=f"the controller found it unhealthy and replaced it: {reason}"),
+                ABORT_TIMEOUT_S)
+        except Exception as exc:
+            logger.info("aborting %s: %r", replica.tag, exc)
+        self._forget_actor(replica)
+        return True
 
     async def _reconcile(self, spec: BackendSpec, target: int) -> list[str]:
         async with self._locks[spec.tag]:

@@ -297,6 +297,10 @@ class BackendReplicas:
 
     replicas: dict[str, ReplicaState] = field(default_factory=dict)
     last_error: str | None = None     # why the latest replica start failed, if it did
+    # Replicas found unhealthy and replaced, and why the latest was: kept for the
+    # backend's life, since its replacement running again clears ``last_error``.
+    unhealthy_replaced: int = 0
+    last_unhealthy: str | None = None
 
     def running(self) -> list[ReplicaState]:
         return [r for r in self.replicas.values() if r.status == "running"]
@@ -321,8 +325,9 @@ class ObservedState:
 # -- views --------------------------------------------------------------------------------
 def describe_backend(spec: BackendSpec, observed: BackendReplicas,
                      autoscaling: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``list_backends`` entry: the full config plus where its replicas stand, and
-    for an autoscaling backend its load and why its count last changed."""
+    """``list_backends`` entry: the full config plus where its replicas stand, how
+    many were replaced for being unhealthy (and why the latest was), and for an
+    autoscaling backend its load and why its count last changed."""
     counts: dict[str, int] = {}
     for replica in observed.replicas.values():
         counts[replica.status] = counts.get(replica.status, 0) + 1
@@ -344,6 +349,8 @@ def describe_backend(spec: BackendSpec, observed: BackendReplicas,
         "pending_reason": (f"{pending} replica(s) wait for a worker with "
                            f"{spec.demand()} free") if pending else None,
         "last_error": observed.last_error,
+        "unhealthy_replaced": observed.unhealthy_replaced,
+        "last_unhealthy": observed.last_unhealthy,
         "autoscaling": autoscaling,
     }
 

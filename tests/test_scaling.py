@@ -115,7 +115,9 @@ def test_backend_config_class_defaults_and_validation():
     assert config.to_dict() == {"num_replicas": 1, "max_batch_size": None,
                                 "batch_wait_timeout": 0.0, "max_concurrent_queries": 100,
                                 "user_config": None, "max_queued_requests": -1,
-                                "queue_timeout_s": 30.0, "autoscaling_config": None}
+                                "queue_timeout_s": 30.0, "autoscaling_config": None,
+                                "health_check_period_s": 10.0,
+                                "health_check_timeout_s": 30.0}
     assert BackendConfig(num_replicas=3, max_concurrent_queries=7).num_replicas == 3
 
     bad = [

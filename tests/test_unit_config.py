@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from daskserve.config import ReplicaOptions
+from daskserve.config import BackendConfig, ReplicaOptions
 from daskserve.worker_plugin import ProcessEnvironment
 
 
@@ -29,6 +29,31 @@ def test_more_than_one_gpu_must_be_whole(amount):
         ReplicaOptions(num_gpus=amount)
     assert ReplicaOptions(num_gpus=2).demand()["GPU"] == 2.0
     assert ReplicaOptions(num_gpus=0.25).demand()["GPU"] == 0.25
+
+
+HEALTH_FIELDS = ["health_check_period_s", "health_check_timeout_s"]
+
+
+@pytest.mark.parametrize("name", HEALTH_FIELDS)
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-1.5, ValueError),
+                                          (float("inf"), ValueError), (None, TypeError),
+                                          ("10", TypeError), (True, TypeError)])
+def test_health_check_fields_must_be_positive_numbers(name, value, error):
+    with pytest.raises(error, match=name):
+        BackendConfig(**{name: value})
+    with pytest.raises(error, match=name):  # as the controller checks a merged update
+        BackendConfig.validate_wire({**BackendConfig().to_wire(), name: value})
+
+
+def test_health_check_fields_travel_and_default_for_older_configs():
+    config = BackendConfig(health_check_period_s=2, health_check_timeout_s=0.5)
+    wire = config.to_wire()
+    assert BackendConfig.health_check(wire) == (2, 0.5)
+    assert BackendConfig.from_wire(wire).to_dict()["health_check_timeout_s"] == 0.5
+    # a config checkpointed before the fields existed gets their defaults
+    older = {k: v for k, v in wire.items() if k not in HEALTH_FIELDS}
+    BackendConfig.validate_wire(older)
+    assert BackendConfig.health_check(older) == (10.0, 30.0)
 
 
 @pytest.fixture
