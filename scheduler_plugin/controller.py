@@ -121,7 +121,8 @@ class ServeController(SchedulerPlugin):
                                      self._reconcile_backend, self._spawn)
         self.adaptive = AdaptiveBridge(scheduler, self.replicas.ledger, self.desired,
                                        self.observed, self._migrate)
-        self.proxies = ProxyFleet(scheduler, HTTPOptions(**self.http_options))
+        self.proxies = ProxyFleet(scheduler, HTTPOptions(**self.http_options),
+                                  self.replicas.ledger)
         await self.proxies.start()
         scheduler.handlers.update(self.handlers())
         self.observability = await ServeObservability(self).start()  # metrics, /serve page

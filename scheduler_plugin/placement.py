@@ -5,11 +5,20 @@ an actor's creation task ends at once, so Dask alone would let any number of
 ``GPU: 1`` actors onto a one-GPU worker. The controller therefore books each
 replica's demand here for the replica's whole life and pins the actor to the
 worker it chose.
+
+Replicas also stay off a worker that runs its host's HTTP proxy while another worker
+of that host can take them: a sync handler busy in pure Python holds its process's
+GIL, and the proxy, on that process's event loop, then waits for it at every wake-up.
+Measured (``benchmarks/proxy_colocation.py``), a light endpoint of such a host kept
+about a fifth of its throughput, at 5-8x its median latency; with the CPU-bound
+replica in another worker process of the host, the loss was only the CPU they share.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from distributed.comm import get_address_host
 
 EPSILON = 1e-9
 
@@ -56,6 +65,8 @@ class ResourceLedger:
         # Spread replicas (fewer lost with a worker) unless the cluster adapts: then
         # pack them, so that workers empty out and can be given back.
         self.pack = False
+        # host -> the worker running its EveryNode proxy; ``ProxyFleet`` keeps it.
+        self.proxy_hosts: dict[str, str] = {}
 
     def add_worker(self, address: str, nthreads: int,
                    declared: dict[str, float], gpus_found: int) -> None:
@@ -73,14 +84,25 @@ class ResourceLedger:
     def choose(self, demand: dict[str, float]) -> str | None:
         """The fitting worker with the fewest replicas, so replicas spread out; when
         packing, the fullest worker that already hosts replicas, then the fullest."""
-        fitting = [w for w in self.workers.values()
-                   if not w.cordoned and w.fits(demand)]
+        fitting = self._spare_proxy_workers([w for w in self.workers.values()
+                                             if not w.cordoned and w.fits(demand)])
         if not fitting:
             return None
         if self.pack:
             return min(fitting, key=lambda w: (w.replicas == 0, w.free("CPU"),
                                                w.address)).address
         return min(fitting, key=lambda w: (w.replicas, -w.free("CPU"), w.address)).address
+
+    def _spare_proxy_workers(self, fitting: list[WorkerCapacity]) -> list[WorkerCapacity]:
+        """Drop each proxy-running worker whose host has another fitting worker (see
+        the module); on a host with nothing else that fits, it hosts replicas."""
+        if not self.proxy_hosts:
+            return fitting
+        proxies = set(self.proxy_hosts.values())
+        spare_hosts = {get_address_host(w.address) for w in fitting
+                       if w.address not in proxies}
+        return [w for w in fitting
+                if w.address not in proxies or get_address_host(w.address) not in spare_hosts]
 
     def cordon(self, address: str, cordoned: bool = True) -> None:
         worker = self.workers.get(address)

@@ -5,6 +5,13 @@ own router. "HeadOnly" runs it in the scheduler process; "EveryNode" runs one pe
 host, in one of its workers, through that worker's plugin (``WorkerOp.START_PROXY``).
 Each proxy's router identifies itself to the controller so that API calls wait until
 every proxy routes by the change.
+
+An EveryNode proxy listens on its host's address as the scheduler knows it (the
+interface the worker already serves Dask on, and the address ``addresses`` reports),
+not on ``http_options["host"]``: that one value cannot name each host's own address,
+and a loopback proxy could not be reached from any other machine. Only a wildcard
+``host`` ("0.0.0.0", "::") is taken as given, to listen on every interface of every
+host. So EveryNode opens HTTP on no network the workers were not already on.
 """
 from __future__ import annotations
 
@@ -17,17 +24,27 @@ from daskserve.protocol import WorkerOp
 from daskserve.proxy import Proxy
 from daskserve.router import Router
 
+from .placement import ResourceLedger
+
 logger = logging.getLogger(__name__)
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+# A host whose workers could not take its proxy over (its port still held by a
+# worker that was dropped but has not exited) is tried again, this often at most.
+REHOME_RETRY_MAX_S = 5.0
 
 
 class ProxyFleet:
     """The proxies of one serve instance and the listener ids of their routers."""
 
-    def __init__(self, scheduler: Any, options: HTTPOptions):
+    def __init__(self, scheduler: Any, options: HTTPOptions, ledger: ResourceLedger):
         self._scheduler = scheduler
         self.options = options
         self.head: Proxy | None = None
-        self.on_hosts: dict[str, str] = {}     # host -> worker address running a proxy
+        self._ledger = ledger
+        # host -> worker address running a proxy; the ledger's own dict, so that
+        # placement keeps replicas off those workers where it can.
+        self.on_hosts = ledger.proxy_hosts
         self.listener_ids: set[str] = set()
         self._stopped = False
 
@@ -41,18 +58,24 @@ class ProxyFleet:
     def _on_worker(self, address: str, op: str) -> Any:
         return getattr(self._scheduler.rpc(address), op)
 
+    def _bind_host(self, host: str) -> str:
+        """The address an EveryNode proxy on ``host`` listens on (see the module)."""
+        return self.options.host if self.options.host in WILDCARD_HOSTS else host
+
     async def add_worker(self, address: str, host: str) -> None:
         if self.options.location != "EveryNode" or host in self.on_hosts or self._stopped:
             return
         self.on_hosts[host] = address
         listener_id = f"proxy-{address}"
+        options = {**self.options.to_dict(), "host": self._bind_host(host)}
         try:
             await self._on_worker(address, WorkerOp.START_PROXY)(
-                options=self.options.to_dict(), listener_id=listener_id)
+                options=options, listener_id=listener_id)
             self.listener_ids.add(listener_id)
         except Exception as exc:
             logger.warning("could not start a proxy on %s: %r", address, exc)
-            self.on_hosts.pop(host, None)
+            if self.on_hosts.get(host) == address:  # not a proxy started meanwhile
+                del self.on_hosts[host]
 
     def lose_worker(self, address: str) -> list[str]:
         """Forget the proxy of a worker that left; returns the hosts it leaves
@@ -69,17 +92,28 @@ class ProxyFleet:
         """Run a host's proxy on another of its live workers.
 
         A host keeps serving HTTP as long as any of its workers lives, not only
-        until the one that ran its proxy goes. A worker that cannot start it (its
-        port still held by the process that lost contact, say) is passed over.
+        until the one that ran its proxy goes. When none can start it (the port is
+        still held by a worker the scheduler dropped but whose process has not
+        exited yet), they are asked again, more slowly each round, until one
+        does or none is left there; waiting for a new worker to join the host could
+        leave it without HTTP for good.
         """
-        for address, state in list(self._scheduler.workers.items()):
-            if host in self.on_hosts:
-                return  # started meanwhile, on a worker that joined
-            if state.host == host:
+        delay = 0.5
+        while not self._stopped and host not in self.on_hosts:
+            workers = [a for a, s in list(self._scheduler.workers.items()) if s.host == host]
+            if not workers:
+                return  # the next worker to join there runs it
+            for address in sorted(workers, key=self._replicas_on):  # emptiest first
                 await self.add_worker(address, host)
-        if host not in self.on_hosts:
-            logger.warning("no live worker on %s could take over its HTTP proxy; the "
-                           "next worker to join there will run it", host)
+            if host not in self.on_hosts:
+                logger.warning("no live worker on %s could take over its HTTP proxy; "
+                               "trying again in %.1f s", host, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, REHOME_RETRY_MAX_S)
+
+    def _replicas_on(self, address: str) -> int:
+        worker = self._ledger.workers.get(address)
+        return worker.replicas if worker is not None else 0
 
     def addresses(self) -> list[str]:
         """URLs of the running proxies."""

@@ -114,6 +114,22 @@ def test_choose_skips_workers_that_do_not_fit():
     assert ledger.choose({"CPU": 1}) == "w1"
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_proxy_worker_gets_replicas_only_when_its_host_has_no_other_room(pack):
+    a1, a2, b1 = "tcp://10.0.0.1:4001", "tcp://10.0.0.1:4002", "tcp://10.0.0.2:4001"
+    ledger = ledger_with((a1, 2, {}, 0), (a2, 4, {}, 0), (b1, 2, {}, 0))
+    ledger.pack = pack
+    ledger.proxy_hosts.update({"10.0.0.1": a1, "10.0.0.2": b1})
+    # b1 is alone on its host: it takes replicas although it runs that host's proxy.
+    chosen = [place(ledger, {"CPU": 1})[0] for _ in range(6)]
+    assert sorted(chosen) == sorted([a2] * 4 + [b1] * 2)
+    assert place(ledger, {"CPU": 1})[0] == a1  # a2 is full: a1 is all that is left
+    ledger.release(a2, {"CPU": 1}, [])
+    assert ledger.choose({"CPU": 1}) == a2  # although a1 holds fewer replicas
+    ledger.proxy_hosts["10.0.0.1"] = a2  # the proxy moved: a1 is an ordinary worker
+    assert ledger.choose({"CPU": 1}) == a1
+
+
 @pytest.mark.parametrize("demand", [
     {"CPU": 4.5},
     {"GPU": 1},
