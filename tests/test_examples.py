@@ -13,6 +13,7 @@ import requests
 
 from conftest import free_port, wait_until
 from slurm_support import slurm_problem, squeue_jobs
+from test_gpu import gpu_problem
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -44,8 +45,12 @@ EXPECTED = {
     "conflicting_dependencies.py": ["workers can import six: False",
                                     "/six116 over HTTP: 1.16.0", "six116 via a handle: 1.16.0",
                                     "/six117 over HTTP: 1.17.0", "six117 via a handle: 1.17.0"],
+    "local_cuda_cluster.py": ["worker(s), one per GPU", "over HTTP: replica whole#",
+                              "whole: each replica has a GPU of its own: True",
+                              "shared: each GPU serves two half-GPU replicas: True"],
 }
 NEEDS_SLURM = {"slurm_jobqueue.py"}
+NEEDS_GPU = {"local_cuda_cluster.py"}
 
 
 def test_every_example_is_covered():
@@ -58,6 +63,8 @@ def test_example_runs(name, tmp_path):
     slurm = name in NEEDS_SLURM
     if slurm and slurm_problem():
         pytest.skip(slurm_problem())
+    if name in NEEDS_GPU and gpu_problem():
+        pytest.skip(gpu_problem())
     jobs_before = set(squeue_jobs()) if slurm else set()
     env = {**os.environ, "DASKSERVE_PORT": str(free_port())}
     # SLURM writes its jobs' output files into the working directory.
