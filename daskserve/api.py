@@ -8,8 +8,9 @@ import functools
 import os
 from typing import Any, Callable, Mapping
 
-from distributed import Client, LocalCluster, get_client
+from distributed import Client, get_client
 
+from . import event_loop
 from .client import ServeClient
 from .config import HTTPOptions
 from .context import current_replica
@@ -31,7 +32,8 @@ def start(dask_client: Client | None = None,
     here must then match the running instance's (only the options named are
     compared), since they could not take effect: a ``ValueError`` names those that
     differ; so must ``checkpoint_path``. With no ``dask_client`` a ``LocalCluster`` is
-    started and owned by the returned client: ``shutdown()`` closes it too.
+    started (on uvloop when it is installed) and owned by the returned client:
+    ``shutdown()`` closes it too.
     ``checkpoint_path`` is a file on the scheduler's host (relative paths are taken
     from the scheduler's working directory); if it holds a checkpoint, the instance
     serves that state at once.
@@ -43,8 +45,8 @@ def start(dask_client: Client | None = None,
         checkpoint_path = os.fspath(checkpoint_path)
     owns_cluster = dask_client is None
     if dask_client is None:
-        dask_client = Client(LocalCluster(processes=True, threads_per_worker=1,
-                                          dashboard_address=DASHBOARD_ADDRESS))
+        dask_client = Client(event_loop.local_cluster(
+            processes=True, threads_per_worker=1, dashboard_address=DASHBOARD_ADDRESS))
     dask_client.register_plugin(ServeController(options.to_dict(), checkpoint_path),
                                 name=PLUGIN_NAME)
     client = ServeClient(dask_client, owns_cluster=owns_cluster)

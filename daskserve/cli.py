@@ -7,7 +7,6 @@ import threading
 from typing import Any, Callable
 
 import click
-import dask
 
 
 @click.group()
@@ -16,23 +15,14 @@ def main() -> None:
 
 
 def _local_client(workers: int, threads: int) -> Any:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from . import event_loop
     from .api import DASHBOARD_ADDRESS
 
-    # uvloop reaches Nanny-spawned workers through the Dask config.
-    with dask.config.set({"distributed.admin.event-loop": _event_loop()}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads,
-                               processes=True, dashboard_address=DASHBOARD_ADDRESS)
-        return Client(cluster)
-
-
-def _event_loop() -> str:
-    try:
-        import uvloop  # noqa: F401
-        return "uvloop"
-    except ImportError:
-        return "asyncio"
+    return Client(event_loop.local_cluster(n_workers=workers, threads_per_worker=threads,
+                                           processes=True,
+                                           dashboard_address=DASHBOARD_ADDRESS))
 
 
 def _stop_signal() -> threading.Event:

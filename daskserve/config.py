@@ -144,6 +144,14 @@ class BackendConfig:
     - ``health_check_timeout_s`` (30 s): how long a probe may take, and how long a
       replica may stay unhealthy, or run calls with none of them ending, before it
       is replaced. Keep it above the longest call the backend serves.
+    
+    ``sync_threads`` (None) is how many ``def`` handler calls a replica runs at once
+    in its thread pool; more wait there, up to ``max_concurrent_queries``. The
+    default, one more thread than the replica's CPUs (``num_cpus`` rounded up, at
+    least 2), suits CPU-bound models: on an embedding model, 2 threads for one CPU
+    served twice the requests per second that 100 threads did, which fought over the
+    cores (``benchmarks/RESULTS.md``). Handlers that mostly wait (on a database, on
+    another service) want more: set it as high as the calls they should overlap.
     """
 
     num_replicas: int = _UnsetCount(1)
@@ -156,6 +164,7 @@ class BackendConfig:
     autoscaling_config: dict[str, Any] | None = None
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
+    sync_threads: int | None = None
 
     def __post_init__(self) -> None:
         _check_number("num_replicas", self.num_replicas, minimum=0, integer=True)
@@ -172,6 +181,8 @@ class BackendConfig:
                           allow_equal=False)
         for name in ("health_check_period_s", "health_check_timeout_s"):
             _check_number(name, getattr(self, name), minimum=0, allow_equal=False)
+        if self.sync_threads is not None:
+            _check_number("sync_threads", self.sync_threads, minimum=1, integer=True)
         if self.max_batch_size is not None and self.max_batch_size > self.max_concurrent_queries:
             # A batch can only fill with requests the router lets through; refusing
             # beats silently capping every batch at the concurrency limit.
@@ -254,6 +265,19 @@ class BackendConfig:
             raise ValueError(f"num_replicas ({count}) is outside autoscaling_config's "
                              f"[min_replicas, max_replicas] = "
                              f"[{auto['min_replicas']}, {auto['max_replicas']}]")
+
+    @classmethod
+    def slow_settings(cls, wire: Mapping[str, Any]) -> list[str]:
+        """Settings of a valid wire-form config that measurements found slow
+        (``benchmarks/RESULTS.md``); they stay allowed, and get a warning in the logs."""
+        batch, limit = wire.get("max_batch_size"), wire.get("max_concurrent_queries", 100)
+        if batch is not None and batch > 1 and limit < 2 * batch:
+            return [f"max_concurrent_queries ({limit}) is under twice max_batch_size "
+                    f"({batch}): while a batch runs, the router lets too few requests "
+                    f"through to fill the next one (with the two equal, an embedding "
+                    f"model served about half as many requests per second); set "
+                    f"max_concurrent_queries to {2 * batch} or more"]
+        return []
 
     @classmethod
     def queue_limits(cls, wire: Mapping[str, Any]) -> dict[str, Any]:

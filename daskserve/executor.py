@@ -18,6 +18,7 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -153,8 +154,20 @@ class ReplicaExecutor:
 
     def _new_pool(self) -> ThreadPoolExecutor:
         # Threads start lazily, so the limit costs nothing until requests need it.
-        return ThreadPoolExecutor(max_workers=self._config.max_concurrent_queries,
+        return ThreadPoolExecutor(max_workers=self._sync_threads(),
                                   thread_name_prefix=f"daskserve-{self.context.replica_tag}")
+
+    def _sync_threads(self) -> int:
+        """``BackendConfig.sync_threads``, or one more than the replica's CPUs.
+
+        The replica's CPU share reaches this process as ``OMP_NUM_THREADS`` (set from
+        ``num_cpus`` before the constructor ran, see ``ReplicaOptions.environment``).
+        """
+        chosen = self._config.sync_threads
+        if chosen is None:
+            cpus = _positive_int(os.environ.get("OMP_NUM_THREADS")) or 1
+            chosen = max(2, cpus + 1)
+        return min(chosen, self._config.max_concurrent_queries)
 
     # -- resolving user callables ------------------------------------------------
     def _method(self, name: str) -> _Method:
@@ -422,7 +435,8 @@ class ReplicaExecutor:
         if (new.max_batch_size, new.batch_wait_timeout) != (old.max_batch_size,
                                                             old.batch_wait_timeout):
             self._methods.clear()
-        if new.max_concurrent_queries != old.max_concurrent_queries:
+        if (new.max_concurrent_queries, new.sync_threads) != (old.max_concurrent_queries,
+                                                              old.sync_threads):
             old_pool, self._pool = self._pool, self._new_pool()
             old_pool.shutdown(wait=False)  # calls already running there finish
         if reconfigure:
@@ -432,21 +446,23 @@ class ReplicaExecutor:
     async def health(self, timeout: float) -> HealthReply:
         """Answer the controller's probe within about ``timeout`` seconds.
 
-        Runs the backend's ``check_health()`` if it has one, else a no-op, the way a
-        request would run: a ``def`` one on the replica's threads, so a replica whose
-        threads are all stuck fails the probe by not returning in time. One check
-        runs at a time; a probe arriving while one hangs waits on that one.
+        Runs the backend's ``check_health()`` if it has one: an ``async def`` one on
+        the loop, a ``def`` one on a thread of its own, not the handlers' pool, where
+        it would queue behind requests and a busy replica would look hung. Stuck
+        handler threads show instead as calls running with none of them ending
+        (``stalled_s``). One check runs at a time; a probe arriving while one hangs
+        waits on that one.
         """
         hook = getattr(self._user, "check_health", None) if self._is_class else None
-        if self._check is None or self._check.done():
-            self._check = spawn(self._checked(hook or _alive))
+        error = None
+        if hook is not None:
+            if self._check is None or self._check.done():
+                self._check = spawn(self._checked(hook))
+            try:
+                error = await asyncio.wait_for(asyncio.shield(self._check), timeout)
+            except asyncio.TimeoutError:
+                error = f"check_health() did not return within {timeout:g} s"
         reply: HealthReply = {}
-        try:
-            error = await asyncio.wait_for(asyncio.shield(self._check), timeout)
-        except asyncio.TimeoutError:
-            error = (f"check_health() did not return within {timeout:g} s" if hook else
-                     f"none of its {self._config.max_concurrent_queries} handler "
-                     f"thread(s) came free within {timeout:g} s")
         if error is not None:
             reply["error"] = error
         now = time.monotonic()
@@ -457,10 +473,17 @@ class ReplicaExecutor:
 
     async def _checked(self, hook: Callable) -> str | None:
         """Why ``hook`` failed, or None if it returned."""
+        token = context.enter(self.context)
         try:
-            await self._call_hook(hook)
+            if inspect.iscoroutinefunction(hook):
+                await hook()
+            else:
+                await self._loop.run_in_executor(
+                    None, functools.partial(contextvars.copy_context().run, hook))
         except Exception as exc:
             return f"check_health() raised {type(exc).__name__}: {exc}"
+        finally:
+            context.leave(token)
         return None
 
     def abort(self, reason: str) -> None:
@@ -499,6 +522,9 @@ class ReplicaExecutor:
         self._pool.shutdown(wait=False)
 
 
-def _alive() -> None:
-    """The health check of a backend without ``check_health``: returns as soon as one
-    of the replica's handler threads is free to run it."""
+def _positive_int(text: str | None) -> int | None:
+    try:
+        value = int(text) if text else None
+    except ValueError:
+        return None
+    return value if value and value > 0 else None

@@ -38,7 +38,7 @@ try:
 except ImportError:  # Windows has no file-descriptor limit to respect
     resource = None  # type: ignore[assignment]
 
-from . import metrics
+from . import event_loop, metrics
 from .config import HTTPOptions
 from .http_codec import WireResponse, encode_request, error_response
 from .router import Query, Router
@@ -64,6 +64,7 @@ class Proxy(httputil.HTTPServerConnectionDelegate):
         self.observer = metrics.ProxyObserver(options)  # observability: counts, access log
 
     async def start(self) -> None:
+        event_loop.warn_if_slow("HTTP proxy")
         try:
             sockets = bind_sockets(self.options.port, self.options.host,
                                    family=socket.AF_INET if "." in self.options.host

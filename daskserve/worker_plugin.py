@@ -25,8 +25,7 @@ from typing import Any, Callable
 import cloudpickle
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import pickling
-from . import metrics
+from . import event_loop, metrics, pickling
 from .channel import ChannelServer
 from .config import HTTPOptions
 from .executor import ReplicaExecutor
@@ -65,6 +64,7 @@ class ServeWorkerPlugin(WorkerPlugin):
         context = (security.get_listen_args("worker").get("ssl_context")
                    if security is not None else None)
         await self.channel.start(worker.address, context)
+        event_loop.warn_if_slow("worker hosting replicas")
         worker.handlers.update(self.handlers())
         _in_process[worker.address] = self
 

@@ -37,7 +37,7 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
-from daskserve.config import HTTPOptions
+from daskserve.config import BackendConfig, HTTPOptions
 from daskserve.protocol import ControllerOp, RoutingTable, TableVersion
 from daskserve.tasks import spawn
 from daskserve.worker_plugin import PLUGIN_NAME as WORKER_PLUGIN_NAME
@@ -283,6 +283,7 @@ class ServeController(SchedulerPlugin):
                              replica_options: dict) -> TableVersion:
         await self._workers_settled()
         backend = self.desired.add_backend(tag, spec, config, replica_options)
+        _warn_if_slow(tag, backend.config)
         errors = await self.replicas.reconcile(backend)
         if errors:
             self.desired.remove_backend(tag)
@@ -310,6 +311,7 @@ class ServeController(SchedulerPlugin):
         async with self._config_turns[tag]:
             old = self.desired.update_backend_config(tag, changes, replace)
             backend = self.desired.backend(tag)
+            _warn_if_slow(tag, backend.config)
             try:
                 await self.replicas.push_config(
                     backend, reconfigure=backend.config["user_config"] != old["user_config"])
@@ -423,3 +425,8 @@ _READ_ONLY = frozenset({ControllerOp.LISTEN, ControllerOp.INFO, ControllerOp.LIS
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("daskserve controller task failed", exc_info=task.exception())
+
+
+def _warn_if_slow(tag: str, config: dict) -> None:
+    for reason in BackendConfig.slow_settings(config):
+        logger.warning("backend %r is configured to run slowly: %s", tag, reason)

@@ -117,7 +117,7 @@ def test_backend_config_class_defaults_and_validation():
                                 "user_config": None, "max_queued_requests": -1,
                                 "queue_timeout_s": 30.0, "autoscaling_config": None,
                                 "health_check_period_s": 10.0,
-                                "health_check_timeout_s": 30.0}
+                                "health_check_timeout_s": 30.0, "sync_threads": None}
     assert BackendConfig(num_replicas=3, max_concurrent_queries=7).num_replicas == 3
 
     bad = [
