@@ -7,7 +7,9 @@
 between two of its runs than the few percent a change could cost. Here every server
 runs at once: plain Tornado, the baseline version, this tree, and this tree with the
 access log on (each daskserve one as ``run.py`` lays it out: a scheduler with the
-preload and the proxy, one worker, an ``async def`` noop). Each round sends the same
+preload and the proxy, one worker, an ``async def`` noop, every process started in
+its tree's directory, since ``python -m`` imports from there before PYTHONPATH). Each
+round sends the same
 short wrk load to each in a shuffled order, so every version sees the same machine
 state within seconds, and each round gives a paired ratio. Medians over the rounds
 are printed.
@@ -23,6 +25,7 @@ import argparse
 import os
 import random
 import statistics
+import subprocess
 import sys
 from contextlib import ExitStack
 
@@ -32,9 +35,22 @@ sys.path.insert(0, HERE)
 from run import free_port, process, run_wrk, wait_http  # noqa: E402
 
 
+# Backends are created by a script run from the tree under test, so that its client
+# code speaks its controller's protocol, and the handler travels by value.
+SETUP = """
+import sys
+from distributed import Client
+import daskserve as serve
+
 async def noop(*args):
-    """Defined here, in ``__main__``, so it travels by value as in ``run.py``."""
     return "ok"
+
+with Client(sys.argv[1], timeout=60) as client:
+    client.wait_for_workers(1, timeout=60)
+    sc = serve.connect(client)
+    sc.create_backend("noop", noop, replica_options={"num_cpus": 0.5})
+    sc.create_endpoint("noop", backend="noop", route="/noop")
+"""
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -47,15 +63,9 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def start_daskserve(stack: ExitStack, tree: str, access_log: bool,
-                    handler=noop) -> tuple[str, list[int]]:
-    """A scheduler (controller + proxy) and a worker importing daskserve from ``tree``;
-    returns the noop's URL and the two processes' ids. ``handler`` must be defined in
-    ``__main__`` so that it travels by value."""
-    from distributed import Client
-
-    import daskserve as serve
-
+def start_daskserve(stack: ExitStack, tree: str, access_log: bool) -> tuple[str, list[int]]:
+    """A scheduler (controller + proxy) and a worker importing daskserve from ``tree``,
+    serving an ``async def`` noop; returns its URL and the two processes' ids."""
     sched_port, http_port = free_port(), free_port()
     address = f"tcp://127.0.0.1:{sched_port}"
     env = {"DASK_DISTRIBUTED__ADMIN__EVENT_LOOP": "uvloop", "PYTHONPATH": tree}
@@ -63,15 +73,12 @@ def start_daskserve(stack: ExitStack, tree: str, access_log: bool,
         sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
         "--port", str(sched_port), "--dashboard-address", ":0", "--preload",
         "scheduler_plugin", "--serve-http-port", str(http_port),
-        *(["--serve-http-access-log"] if access_log else []), env=env))
+        *(["--serve-http-access-log"] if access_log else []), env=env, cwd=tree))
     worker = stack.enter_context(process(
         sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-        "--nworkers", "1", "--no-nanny", "--dashboard-address", ":0", env=env))
-    client = stack.enter_context(Client(address, timeout=60))
-    client.wait_for_workers(1, timeout=60)
-    sc = serve.connect(client)
-    sc.create_backend("noop", handler, replica_options={"num_cpus": 0.5})
-    sc.create_endpoint("noop", backend="noop", route="/noop")
+        "--nworkers", "1", "--no-nanny", "--dashboard-address", ":0", env=env, cwd=tree))
+    subprocess.run([sys.executable, "-c", SETUP, address], env={**os.environ, **env},
+                   cwd=tree, check=True)
     url = f"http://127.0.0.1:{http_port}/noop"
     wait_http(url)
     return url, [scheduler.pid, worker.pid]

@@ -11,9 +11,15 @@ Two ways to run daskserve are measured, each as one server:
   script's own process, the replica in one of LocalCluster's worker processes.
 
 With ``--baseline`` both layouts also run from another source tree, so a change is
-compared with the code before it in the same run. Every round sends each server the
+compared with the code before it in the same run. Each server's processes start in
+their tree's directory with it on PYTHONPATH, and its backends are created by a client
+of that tree, so no other copy of daskserve (an installed one, or the directory this
+runs from) can stand in for it. Every round sends each server the
 same short wrk load at each concurrency, servers in shuffled order, so they all see
-the same machine within seconds. Medians over rounds are printed: p50 latency at each
+the same machine within seconds. While one server is measured the others are paused
+(SIGSTOP): idle servers still wake for their timers, and on two cores that moved the
+low-load figures of whichever server shared a core with them by tens of percent
+(which one depended on the order they started in). Medians over rounds are printed: p50 latency at each
 concurrency and its ratio to Tornado's p50 in the same round, throughput and its
 ratio, and the CPU time the server's processes (with their children) spent per
 request, which moves less than latency when others share the machine.
@@ -23,9 +29,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import statistics
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -70,22 +78,30 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-async def noop(*args):
-    """Defined in ``__main__``, so it travels by value."""
-    return "ok"
+@contextmanager
+def only(pids: dict[str, list[int]], name: str) -> Iterator[None]:
+    """Pause every server's processes but ``name``'s for the duration."""
+    others = [pid for other, group in pids.items() if other != name for pid in group]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
 
 
 def start_benchmark_layout(stack: ExitStack, tree: str) -> tuple[str, list[int]]:
     from ab_http import start_daskserve
 
-    return start_daskserve(stack, tree, access_log=False, handler=noop)
+    return start_daskserve(stack, tree, access_log=False)
 
 
 def start_newcomer_layout(stack: ExitStack, tree: str) -> tuple[str, list[int]]:
     port = free_port()
     script = stack.enter_context(process(
         sys.executable, "-c", NEWCOMER, str(port),
-        env={"PYTHONPATH": tree, "DASK_DISTRIBUTED__ADMIN__EVENT_LOOP": "asyncio"}))
+        env={"PYTHONPATH": tree}, cwd=tree))
     url = f"http://127.0.0.1:{port}/hello"
     wait_http(url, timeout=120)
     return url, descendants(script.pid)
@@ -122,9 +138,10 @@ def main() -> None:
                 order = list(urls)
                 random.shuffle(order)
                 for name in order:
-                    before = cpu_seconds(pids[name])
-                    result = run_wrk(urls[name], c, args.duration)
-                    used = cpu_seconds(pids[name]) - before
+                    with only(pids, name):
+                        before = cpu_seconds(pids[name])
+                        result = run_wrk(urls[name], c, args.duration)
+                        used = cpu_seconds(pids[name]) - before
                     if result["errors"]:
                         raise SystemExit(f"{name} answered {result['errors']} errors")
                     result["cpu_us"] = used / (result["rps"] * args.duration) * 1e6

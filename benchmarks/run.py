@@ -91,8 +91,9 @@ def peak_rss_mib(pid: int) -> float:
 
 
 @contextmanager
-def process(*args: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(list(args), env={**os.environ, **(env or {})},
+def process(*args: str, env: dict | None = None,
+            cwd: str | None = None) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(list(args), env={**os.environ, **(env or {})}, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield proc

@@ -12,6 +12,9 @@ from .envs import EnvError, PackedEnv
 from .errors import (BackPressureError, EndpointNotFoundError, QueueTimeoutError,
                      SerializationError, ServeError)
 from .handle import AsyncServeHandle, ServeHandle
+from .event_loop import prefer_uvloop
+
+prefer_uvloop()  # before the user's cluster exists, so that it starts on uvloop
 
 __version__ = "0.1.0"
 

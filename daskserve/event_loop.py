@@ -4,8 +4,12 @@ uvloop halves what the event loop itself costs per message. At low load, where e
 request crosses two loops (the proxy's and the replica's) on its own, that is a large
 share of the latency daskserve adds (``benchmarks/RESULTS.md``). Dask picks the loop
 of each of its processes from ``distributed.admin.event-loop`` when the process
-starts, so daskserve can only choose it for clusters it starts itself; anywhere else
-it says, once per process and role, how to get the faster one.
+starts. So importing daskserve makes uvloop that setting's default (a value set in
+Dask's config files or environment still wins): a cluster created afterwards in the
+same process, the usual ``serve.start(Client(LocalCluster()))``, runs on uvloop
+without any setting. Processes started without daskserve (``dask worker`` on its own)
+keep Dask's default, and daskserve says there, once per process and role, how to get
+the faster one.
 """
 from __future__ import annotations
 
@@ -32,6 +36,15 @@ def uvloop_available() -> bool:
 def preferred() -> str:
     """The value of ``distributed.admin.event-loop`` daskserve starts clusters with."""
     return "uvloop" if uvloop_available() else "asyncio"
+
+
+def prefer_uvloop() -> None:
+    """Make uvloop the default of ``distributed.admin.event-loop``, if installed.
+
+    A default, not a setting: Dask keeps a value its config files or environment set.
+    """
+    if uvloop_available():
+        dask.config.update_defaults({"distributed": {"admin": {"event-loop": "uvloop"}}})
 
 
 def local_cluster(**kwargs: Any) -> Any:
