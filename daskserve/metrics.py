@@ -31,7 +31,6 @@ import asyncio
 import contextvars
 import json
 import logging
-import os
 import sys
 import time
 import uuid
@@ -416,15 +415,13 @@ REGISTRY.register(_StateCollector())
 
 
 # -- GPUs -----------------------------------------------------------------------------------
-# The worker's own GPU list, read before any replica narrows CUDA_VISIBLE_DEVICES
-# for itself (this module is imported when the worker plugin is set up).
-_VISIBLE_AT_START = os.environ.get("CUDA_VISIBLE_DEVICES")
 _nvml: Any = None  # the pynvml module once initialised; False where NVML is absent
 
 
-def gpu_snapshot() -> list[dict[str, Any]]:
+def gpu_snapshot(devices: Callable[[], list[str]]) -> list[dict[str, Any]]:
     """Utilisation and memory of each GPU this worker may use, by slot (the index
-    placement uses); an empty list where NVML finds no GPU. Never invented."""
+    placement uses): ``devices()`` names them as ``CUDA_VISIBLE_DEVICES`` entries
+    (``gpus.worker_devices``). An empty list where NVML finds no GPU. Never invented."""
     global _nvml
     if _nvml is None:
         try:
@@ -438,12 +435,8 @@ def gpu_snapshot() -> list[dict[str, Any]]:
         return []
     nvml = _nvml
     try:
-        if _VISIBLE_AT_START is not None:
-            ids = [d.strip() for d in _VISIBLE_AT_START.split(",") if d.strip()]
-        else:
-            ids = [str(i) for i in range(nvml.nvmlDeviceGetCount())]
         gpus = []
-        for slot, device in enumerate(ids):
+        for slot, device in enumerate(devices()):
             handle = (nvml.nvmlDeviceGetHandleByIndex(int(device)) if device.isdigit()
                       else nvml.nvmlDeviceGetHandleByUUID(device))
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -493,8 +486,10 @@ def snapshot(names: Iterable[str] | None = None) -> list[list]:
     return families
 
 
-async def worker_snapshot(names: list[str] | None = None) -> dict[str, Any]:
-    """``WorkerOp.METRICS``: this worker process's snapshot, GPUs included.
+async def worker_snapshot(names: list[str] | None = None,
+                          devices: Callable[[], list[str]] = list) -> dict[str, Any]:
+    """``WorkerOp.METRICS``: this worker process's snapshot, with the GPUs ``devices()``
+    names (see ``gpu_snapshot``).
 
     Taken in a thread: with many replicas it takes milliseconds, which the worker's
     event loop, serving those replicas, should not stall for (prometheus-client's
@@ -502,7 +497,7 @@ async def worker_snapshot(names: list[str] | None = None) -> dict[str, Any]:
     """
     loop = asyncio.get_running_loop()
     families = await loop.run_in_executor(None, snapshot, names)
-    gpus = await loop.run_in_executor(None, gpu_snapshot) if names is None else []
+    gpus = await loop.run_in_executor(None, gpu_snapshot, devices) if names is None else []
     return {"process": PROCESS_ID, "families": families, "gpus": gpus}
 
 

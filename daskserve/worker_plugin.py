@@ -83,10 +83,18 @@ class ServeWorkerPlugin(WorkerPlugin):
                 WorkerOp.LOCATE: self.locate,
                 WorkerOp.HEALTH: self.health, WorkerOp.ABORT: self.abort,
                 WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy,
-                WorkerOp.METRICS: metrics.worker_snapshot}  # observability
+                WorkerOp.METRICS: self.metrics_snapshot}  # observability
 
     def channel_address(self) -> str | None:
         return self.channel.address
+
+    async def metrics_snapshot(self, names: list[str] | None = None) -> dict:
+        """``WorkerOp.METRICS``, GPUs named as placement names them (a replica's
+        process, having no worker, reports what its own environment shows)."""
+        from .gpus import worker_devices  # it reads this plugin: imported late
+
+        worker = self.worker if hasattr(self.worker, "plugins") else None
+        return await metrics.worker_snapshot(names, lambda: worker_devices(worker))
 
     @classmethod
     def on(cls, worker: Any) -> "ServeWorkerPlugin":
