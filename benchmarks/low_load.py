@@ -10,6 +10,9 @@ Two ways to run daskserve are measured, each as one server:
   with a plain ``def`` handler and no event-loop setting; the proxy runs in the
   script's own process, the replica in one of LocalCluster's worker processes.
 
+A third row runs the newcomer layout with an ``async def`` handler, to show what the
+``def`` handler's hop into a thread costs.
+
 With ``--baseline`` both layouts also run from another source tree, so a change is
 compared with the code before it in the same run. Each server's processes start in
 their tree's directory with it on PYTHONPATH, and its backends are created by a client
@@ -49,10 +52,13 @@ import daskserve as serve
 def hello(request):
     return "ok"
 
+async def hello_async(request):
+    return "ok"
+
 if __name__ == "__main__":
     client = Client(LocalCluster())
     sc = serve.start(client, http_options={"port": int(sys.argv[1])})
-    sc.create_backend("hello", hello)
+    sc.create_backend("hello", hello if sys.argv[2] == "def" else hello_async)
     sc.create_endpoint("hello", backend="hello", route="/hello")
     while True:
         time.sleep(3600)
@@ -97,10 +103,11 @@ def start_benchmark_layout(stack: ExitStack, tree: str) -> tuple[str, list[int]]
     return start_daskserve(stack, tree, access_log=False)
 
 
-def start_newcomer_layout(stack: ExitStack, tree: str) -> tuple[str, list[int]]:
+def start_newcomer_layout(stack: ExitStack, tree: str,
+                          handler: str = "def") -> tuple[str, list[int]]:
     port = free_port()
     script = stack.enter_context(process(
-        sys.executable, "-c", NEWCOMER, str(port),
+        sys.executable, "-c", NEWCOMER, str(port), handler,
         env={"PYTHONPATH": tree}, cwd=tree))
     url = f"http://127.0.0.1:{port}/hello"
     wait_http(url, timeout=120)
@@ -129,6 +136,9 @@ def main() -> None:
             for layout, start in (("benchmark layout", start_benchmark_layout),
                                   ("newcomer layout", start_newcomer_layout)):
                 urls[layout + suffix], pids[layout + suffix] = start(stack, tree)
+        # What the ``def`` handler's thread hop costs, on the newcomer layout.
+        name = "newcomer layout, async def handler"
+        urls[name], pids[name] = start_newcomer_layout(stack, trees[""], "async")
         for url in urls.values():
             run_wrk(url, 16, 1)  # warm-up
 
@@ -139,6 +149,9 @@ def main() -> None:
                 random.shuffle(order)
                 for name in order:
                     with only(pids, name):
+                        # Its own timers fired late while it was paused: let them
+                        # settle under the same load before measuring.
+                        run_wrk(urls[name], c, 1)
                         before = cpu_seconds(pids[name])
                         result = run_wrk(urls[name], c, args.duration)
                         used = cpu_seconds(pids[name]) - before
