@@ -63,6 +63,16 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def start_tornado(stack: ExitStack) -> tuple[str, list[int]]:
+    """The ceiling: plain Tornado's hello world; returns its URL and process id."""
+    port = free_port()
+    tornado = stack.enter_context(process(
+        sys.executable, os.path.join(HERE, "tornado_hello.py"), str(port)))
+    url = f"http://127.0.0.1:{port}/"
+    wait_http(url)
+    return url, [tornado.pid]
+
+
 def start_daskserve(stack: ExitStack, tree: str, access_log: bool) -> tuple[str, list[int]]:
     """A scheduler (controller + proxy) and a worker importing daskserve from ``tree``,
     serving an ``async def`` noop; returns its URL and the two processes' ids."""
@@ -95,12 +105,8 @@ def main() -> None:
     this_tree = os.path.dirname(HERE)
 
     with ExitStack() as stack:
-        tornado_port = free_port()
-        tornado = stack.enter_context(process(
-            sys.executable, os.path.join(HERE, "tornado_hello.py"), str(tornado_port)))
-        urls = {"tornado": f"http://127.0.0.1:{tornado_port}/"}
-        pids = {"tornado": [tornado.pid]}
-        wait_http(urls["tornado"])
+        url, tornado_pids = start_tornado(stack)
+        urls, pids = {"tornado": url}, {"tornado": tornado_pids}
         for name, tree, access_log in (("baseline", os.path.abspath(args.baseline), False),
                                        ("this tree", this_tree, False),
                                        ("this tree, access log on", this_tree, True)):

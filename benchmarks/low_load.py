@@ -41,7 +41,7 @@ from typing import Iterator
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from ab_http import cpu_seconds  # noqa: E402
+from ab_http import cpu_seconds, start_daskserve, start_tornado  # noqa: E402
 from run import free_port, process, run_wrk, wait_http  # noqa: E402
 
 NEWCOMER = """
@@ -98,8 +98,6 @@ def only(pids: dict[str, list[int]], name: str) -> Iterator[None]:
 
 
 def start_benchmark_layout(stack: ExitStack, tree: str) -> tuple[str, list[int]]:
-    from ab_http import start_daskserve
-
     return start_daskserve(stack, tree, access_log=False)
 
 
@@ -126,12 +124,8 @@ def main() -> None:
         trees[" (baseline)"] = os.path.abspath(args.baseline)
 
     with ExitStack() as stack:
-        port = free_port()
-        tornado = stack.enter_context(process(
-            sys.executable, os.path.join(HERE, "tornado_hello.py"), str(port)))
-        urls = {"plain Tornado": f"http://127.0.0.1:{port}/"}
-        pids = {"plain Tornado": [tornado.pid]}
-        wait_http(urls["plain Tornado"])
+        url, tornado_pids = start_tornado(stack)
+        urls, pids = {"plain Tornado": url}, {"plain Tornado": tornado_pids}
         for suffix, tree in trees.items():
             for layout, start in (("benchmark layout", start_benchmark_layout),
                                   ("newcomer layout", start_newcomer_layout)):
