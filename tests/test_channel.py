@@ -1,0 +1,84 @@
+"""The request channel on its own: real sockets on 127.0.0.1, real handlers."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from daskserve.channel import Channel, ChannelError, ChannelServer
+
+
+async def _serve(handlers):
+    server = ChannelServer(handlers)
+    address = await server.start("tcp://127.0.0.1:1", None)  # the port is its own
+    return server, address
+
+
+def test_replies_come_back_as_they_finish_on_one_connection():
+    release = None
+
+    async def slow(value):
+        await release.wait()
+        return value
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        server, address = await _serve({"slow": slow, "echo": lambda value: value})
+        channel = await Channel.open(address, None)
+        waiting = asyncio.ensure_future(channel.request("slow", value=b"late"))
+        assert await channel.request("echo", value=[1, "two", b"3"]) == (1, "two", b"3")
+        assert not waiting.done()  # the fast reply overtook it on the same connection
+        release.set()
+        assert await waiting == b"late"
+        channel.close()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def test_refusals_name_what_went_wrong():
+    def broken():
+        raise KeyError("no replica 'x'")
+
+    async def main():
+        server, address = await _serve({"broken": broken})
+        channel = await Channel.open(address, None)
+        with pytest.raises(ChannelError, match="KeyError.*no replica 'x'"):
+            await channel.request("broken")
+        with pytest.raises(ChannelError, match="unknown channel operation 'nope'"):
+            await channel.request("nope")
+        with pytest.raises(ChannelError, match="TypeError"):
+            await channel.request("broken", unexpected=1)
+        assert not channel.closed  # a refused request leaves the connection usable
+        channel.close()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_closed_server_fails_what_waits_and_marks_the_channel_closed():
+    async def never():
+        await asyncio.Event().wait()
+
+    async def main():
+        server, address = await _serve({"never": never})
+        channel = await Channel.open(address, None)
+        waiting = asyncio.ensure_future(channel.request("never"))
+        await asyncio.sleep(0.05)
+        await server.stop()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(waiting, 10)
+        assert channel.closed
+        with pytest.raises(ConnectionResetError):
+            await channel.request("never")
+
+    asyncio.run(main())
+
+
+def test_in_process_servers_get_no_channel():
+    async def main():
+        server = ChannelServer({})
+        assert await server.start("inproc://192.0.2.1/1/2", None) is None
+
+    asyncio.run(main())
