@@ -162,6 +162,7 @@ class Channel:
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future] = {}
         self.closed = False
+        self.on_close: Callable[["Channel"], None] | None = None
         self._reading = spawn(self._read(reader))
 
     @classmethod
@@ -208,6 +209,8 @@ class Channel:
     def _shut(self, error: BaseException) -> None:
         self.closed = True
         self._out.stream.close()
+        if self.on_close is not None:
+            self.on_close(self)
         pending, self._pending = self._pending, {}
         for reply in pending.values():
             if not reply.done():
@@ -270,9 +273,15 @@ class ChannelPool:
         if old is not None:
             old.close()
         self._channels[address] = channel
+        channel.on_close = lambda closed: self._forget(address, closed)
         return channel
 
+    def _forget(self, address: str, channel: Channel) -> None:
+        """A closed channel leaves the pool (its worker may never come back)."""
+        if self._channels.get(address) is channel:
+            del self._channels[address]
+
     def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in list(self._channels.values()):
             channel.close()
         self._channels.clear()
