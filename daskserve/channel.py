@@ -251,10 +251,17 @@ class ChannelPool:
         opening = self._opening.get(address)
         if opening is None:
             opening = self._opening[address] = asyncio.ensure_future(self._open(address))
-            opening.add_done_callback(lambda _: self._opening.pop(address, None))
+            opening.add_done_callback(lambda done: self._opened(address, done))
         # Shared by every query waiting for this server: one giving up (its replica
         # left the table) must not fail the others.
         return await asyncio.shield(opening)
+
+    def _opened(self, address: str, done: asyncio.Future) -> None:
+        """Forget the attempt; its error is read here, since every query waiting
+        on it may have given up (their replica left the table) and none would."""
+        self._opening.pop(address, None)
+        if not done.cancelled():
+            done.exception()
 
     async def _open(self, address: str) -> Channel:
         from .protocol import WorkerOp
