@@ -82,3 +82,35 @@ def test_in_process_servers_get_no_channel():
         assert await server.start("inproc://192.0.2.1/1/2", None) is None
 
     asyncio.run(main())
+
+
+def test_an_open_that_fails_after_its_waiters_left_leaves_no_unread_error():
+    """A replica leaving the table cancels the queries waiting on its channel; the
+    open they shared must not then fail with nobody reading its error."""
+    import gc
+    import socket
+
+    from distributed.core import ConnectionPool
+
+    from daskserve.channel import ChannelPool
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    unread = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: unread.append(context.get("message")))
+        dask_pool = await ConnectionPool(limit=4, timeout=2)
+        channels = ChannelPool(dask_pool, connect_timeout=5)
+        waiter = asyncio.ensure_future(channels.get(dead))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        while channels._opening:  # the shared open goes on, then fails
+            await asyncio.sleep(0.05)
+        gc.collect()
+        await dask_pool.close()
+
+    asyncio.run(main())
+    assert not [m for m in unread if "never retrieved" in (m or "")], unread

@@ -164,21 +164,6 @@ def _http_count(port, status):
     return total
 
 
-@pytest.fixture
-def own_serve(dask_client, http_port):
-    """Start a serve instance with custom http_options; shut it down afterwards."""
-    started = []
-
-    def start(**options):
-        client = serve.start(dask_client, http_options={"port": http_port, **options})
-        started.append(client)
-        return client, f"http://127.0.0.1:{http_port}"
-
-    yield start
-    for client in started:
-        client.shutdown()
-
-
 def _in_background(fn, *args, **kwargs):
     pool = ThreadPoolExecutor(max_workers=1)
     future = pool.submit(fn, *args, **kwargs)
@@ -335,8 +320,8 @@ def test_requests_fail_after_queue_timeout_when_no_replica_runs(serve_client, ht
 
 
 # -- 3. hung handlers ------------------------------------------------------------------------
-def test_timed_out_async_requests_free_their_slots_and_are_cancelled(own_serve):
-    client, url = own_serve(request_timeout_s=1.0)
+def test_timed_out_async_requests_free_their_slots_and_are_cancelled(own_serve, http_port):
+    client, url = own_serve(request_timeout_s=1.0), f"http://127.0.0.1:{http_port}"
     handle = _deploy(client, "hangs", Hangs, route="/hangs",
                      config={"max_concurrent_queries": 2})
     for _ in range(3):  # more than max_concurrent_queries
@@ -391,8 +376,9 @@ def test_cancelling_one_call_of_a_message_spares_its_siblings(serve_client):
                what="the replica to cancel the abandoned call")
 
 
-def test_timed_out_sync_requests_never_hold_up_a_scale_down(own_serve, dask_client):
-    client, url = own_serve(request_timeout_s=1.0)
+def test_timed_out_sync_requests_never_hold_up_a_scale_down(own_serve, dask_client,
+                                                            http_port):
+    client, url = own_serve(request_timeout_s=1.0), f"http://127.0.0.1:{http_port}"
     dask_client.run(_reset_sync_hangs)
     _deploy(client, "sync_hang", sync_hang, route="/sync_hang",
             config={"max_concurrent_queries": 2})
