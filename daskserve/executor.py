@@ -454,17 +454,17 @@ class ReplicaExecutor:
         waits on that one.
         """
         hook = getattr(self._user, "check_health", None) if self._is_class else None
-        error = None
+        reply: HealthReply = {}
         if hook is not None:
             if self._check is None or self._check.done():
                 self._check = spawn(self._checked(hook))
             try:
                 error = await asyncio.wait_for(asyncio.shield(self._check), timeout)
             except asyncio.TimeoutError:
-                error = f"check_health() did not return within {timeout:g} s"
-        reply: HealthReply = {}
-        if error is not None:
-            reply["error"] = error
+                reply["hung"] = f"check_health() did not return within {timeout:g} s"
+            else:
+                if error is not None:
+                    reply["error"] = error
         now = time.monotonic()
         reply["running"] = self._running
         reply["stalled_s"] = now - max(self._busy_since, self._last_end) \

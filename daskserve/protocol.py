@@ -211,6 +211,6 @@ class HealthReply(TypedDict, total=False):
     running: int                 # calls in the replica's handlers now
     stalled_s: float             # how long those have run with none of them ending
                                  # (0 when none runs)
-    error: str                   # check_health raised, or did not return within
-                                 # ``timeout`` (without one: no handler thread came free)
+    error: str                   # check_health raised: the replica answers, broken
+    hung: str                    # check_health did not return within ``timeout``
     missing: bool                # no such replica here

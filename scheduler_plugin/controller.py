@@ -175,12 +175,14 @@ class ServeController(SchedulerPlugin):
             await self.proxies.add_worker(address, state.host)
         await self._reconcile_all()
 
-    def _replace_unhealthy(self, replica: ReplicaState, reason: str) -> None:
-        self._spawn(self._replace(replica, reason))
+    def _replace_unhealthy(self, replica: ReplicaState, reason: str, drain: bool) -> None:
+        self._spawn(self._replace(replica, reason, drain))
 
-    async def _replace(self, replica: ReplicaState, reason: str) -> None:
-        if await self.replicas.replace_unhealthy(replica, reason):
-            await self._reconcile_all()
+    async def _replace(self, replica: ReplicaState, reason: str, drain: bool) -> None:
+        spec = self.desired.backends.get(replica.backend)
+        if spec is not None and await self.replicas.replace_unhealthy(spec, replica, reason,
+                                                                       drain):
+            await self._reconcile_all()  # a replacement may have waited for its resources
 
     async def _publish_and_reconcile(self) -> None:
         await self._publish()

@@ -19,6 +19,10 @@ stall is that old by the time a probe sees it, so it is replaced at once; a
 ``check_health`` that raises must go on raising for the whole timeout, so one bad
 moment replaces nothing. A passing probe starts the count afresh.
 
+How it goes: a replica whose ``check_health`` raises still answers, so it drains
+like any replica scaled down (what it is running finishes) while its replacement
+starts. A hung or silent one would never finish draining: its work is failed.
+
 Probes run concurrently, at most one per replica, each under a deadline; what goes
 wrong with one is logged, never raised, so a wedged replica never holds up the
 scheduler's event loop. Only running replicas are probed: starting ones serve
@@ -56,12 +60,13 @@ class _Watch:
 class HealthMonitor:
     """Probes running replicas and hands the ones that stay unhealthy to ``replace``.
 
-    ``replace(replica, reason)`` must return at once (the controller spawns the
-    replacement); the monitor forgets the replica and probes it no more.
+    ``replace(replica, reason, drain)`` must return at once (the controller spawns
+    the replacement); the monitor forgets the replica and probes it no more.
     """
 
     def __init__(self, rpc: Callable[[str], Any], desired: DesiredState,
-                 observed: ObservedState, replace: Callable[[ReplicaState, str], None]):
+                 observed: ObservedState,
+                 replace: Callable[[ReplicaState, str, bool], None]):
         self._rpc = rpc
         self._desired = desired
         self._observed = observed
@@ -107,10 +112,11 @@ class HealthMonitor:
                 timeout + REPLY_GRACE_S)
             trouble = _trouble(reply, timeout, sent, loop.time())
         except asyncio.TimeoutError:
-            trouble = (f"no answer to the health probe within {timeout + REPLY_GRACE_S:g} "
-                       f"s (is its event loop blocked?)", sent)
+            trouble = _Trouble(f"no answer to the health probe within "
+                               f"{timeout + REPLY_GRACE_S:g} s (is its event loop blocked?)",
+                               sent)
         except Exception as exc:  # unreachable, or the worker refused the probe
-            trouble = f"the health probe failed: {exc!r}", loop.time()
+            trouble = _Trouble(f"the health probe failed: {exc!r}", loop.time())
         finally:
             watch.probe = None
         if self._watches.get(replica.tag) is not watch or replica.status != "running":
@@ -118,29 +124,34 @@ class HealthMonitor:
         if trouble is None:
             watch.failing_since = None
             return
-        reason, began = trouble
-        if watch.failing_since is None or began < watch.failing_since:
-            watch.failing_since = began
+        if watch.failing_since is None or trouble.since < watch.failing_since:
+            watch.failing_since = trouble.since
         failing = loop.time() - watch.failing_since
         if failing < timeout:
             logger.info("replica %s failed a health probe (%.1f s of %g s): %s",
-                        replica.tag, failing, timeout, reason)
+                        replica.tag, failing, timeout, trouble.reason)
             return
         del self._watches[replica.tag]
-        self._replace(replica, reason)
+        self._replace(replica, trouble.reason, trouble.drainable)
 
 
-def _trouble(reply: HealthReply, timeout: float, sent: float,
-             now: float) -> tuple[str, float] | None:
-    """What is wrong with a replica by its probe's answer, and since when (loop
-    time); None if nothing is."""
+@dataclass
+class _Trouble:
+    reason: str
+    since: float              # loop time it began
+    drainable: bool = False   # the replica still finishes what it runs
+
+
+def _trouble(reply: HealthReply, timeout: float, sent: float, now: float) -> _Trouble | None:
+    """What is wrong with a replica by its probe's answer; None if nothing is."""
     if reply.get("missing"):
-        return "its worker no longer hosts it", sent
+        return _Trouble("its worker no longer hosts it", sent)
     stalled = reply.get("stalled_s", 0.0)
     if stalled >= timeout:
-        return (f"{reply.get('running')} call(s) have run for {stalled:.1f} s with none "
-                f"of them ending"), now - stalled
-    error = reply.get("error")
-    if error is not None:
-        return error, sent
+        return _Trouble(f"{reply.get('running')} call(s) have run for {stalled:.1f} s "
+                        f"with none of them ending", now - stalled)
+    if "hung" in reply:
+        return _Trouble(reply["hung"], sent)
+    if "error" in reply:
+        return _Trouble(reply["error"], sent, drainable=True)
     return None

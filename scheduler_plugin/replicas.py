@@ -8,7 +8,8 @@ Scale-down drains: a replica leaves the routing table first, then is told to fin
 what it has (new arrivals are bounced back to the router and retried elsewhere), and
 only then is its actor released. A replica the health monitor found wedged
 (``health.py``) cannot drain: it leaves the routing table, its in-flight work is
-failed at once (``WorkerOp.ABORT``), and its resources go to a replacement.
+failed at once (``WorkerOp.ABORT``), and its resources go to a replacement. One whose
+own ``check_health`` fails still can, and drains as its replacement starts.
 """
 from __future__ import annotations
 
@@ -62,8 +63,13 @@ class ReplicaManager:
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.close()
-            self._client = None
+            client, self._client = self._client, None
+            await client.close()
+            # An asynchronous Client joins the loop runner of the loop it starts on and
+            # its close() never leaves it (dask/distributed#4072). Where that loop is a
+            # LocalCluster's, the cluster's loop thread would outlive the cluster, and
+            # a loop thread still running at interpreter exit can crash it.
+            client._loop_runner.stop()
 
     # -- workers ------------------------------------------------------------------
     async def add_worker(self, address: str) -> None:
@@ -129,24 +135,33 @@ class ReplicaManager:
                 return True
         return False
 
-    async def replace_unhealthy(self, replica: ReplicaState, reason: str) -> bool:
+    async def replace_unhealthy(self, spec: BackendSpec, replica: ReplicaState, reason: str,
+                                drain: bool) -> bool:
         """Take a replica found unhealthy out of service; True if it was still running.
 
-        Routers stop choosing it first; then its in-flight requests fail with
-        ``ReplicaUnavailableError`` (HTTP 503) instead of waiting on it for ever, and
-        its resources are released, so that reconciliation can start its replacement
-        under a new tag, on the same worker if need be.
+        Routers stop choosing it first. One that still answers (``drain``: its own
+        ``check_health`` failed) then drains like a replica scaled down while its
+        replacement starts, so what it was running finishes. A wedged one never would:
+        its in-flight requests fail with ``ReplicaUnavailableError`` (HTTP 503) instead
+        of waiting on it for ever, and its resources are released, so reconciliation
+        can start its replacement under a new tag, on the same worker if need be.
         """
-        observed = self.observed.backends.get(replica.backend)
+        observed = self.observed.backends.get(spec.tag)
         if observed is None or observed.replicas.get(replica.tag) is not replica or \
                 replica.status != "running":
             return False  # lost, drained or replaced meanwhile
-        del observed.replicas[replica.tag]
         observed.unhealthy_replaced += 1
         observed.last_unhealthy = f"replica {replica.tag}: {reason}"
-        logger.warning("backend %r: replica %r is unhealthy and is being replaced: %s",
-                       replica.backend, replica.tag, reason)
-        metrics.replica_unhealthy(replica.backend)  # observability
+        logger.warning("backend %r: replica %r is unhealthy and is being replaced%s: %s",
+                       spec.tag, replica.tag, " as it drains" if drain else "", reason)
+        metrics.replica_unhealthy(spec.tag)  # observability
+        if drain:
+            replica.status = "draining"
+            await self._publish()
+            await self.reconcile(spec)  # its replacement, while it still holds its share
+            await self._stop(observed, replica)
+            return True
+        del observed.replicas[replica.tag]
         await self._publish()
         try:
             await asyncio.wait_for(
@@ -159,13 +174,17 @@ class ReplicaManager:
         self._forget_actor(replica)
         return True
 
+    @staticmethod
+    def _add_pending(spec: BackendSpec, observed: BackendReplicas, count: int) -> None:
+        demand = spec.demand()
+        for _ in range(count):
+            tag = f"{spec.tag}#{uuid.uuid4().hex[:8]}"
+            observed.replicas[tag] = ReplicaState(tag, spec.tag, demand)
+
     async def _reconcile(self, spec: BackendSpec, target: int) -> list[str]:
         async with self._locks[spec.tag]:
             observed = self.observed.of(spec.tag)
-            demand = spec.demand()
-            for _ in range(target - len(observed.live())):
-                tag = f"{spec.tag}#{uuid.uuid4().hex[:8]}"
-                observed.replicas[tag] = ReplicaState(tag, spec.tag, demand)
+            self._add_pending(spec, observed, target - len(observed.live()))
             errors = await self._start_pending(spec, observed)
             if errors:
                 observed.last_error = errors[-1]
@@ -186,10 +205,7 @@ class ReplicaManager:
             leaving = [r for r in observed.live() if r.worker == worker]
             if not leaving:
                 return
-            demand = spec.demand()
-            for _ in leaving:
-                tag = f"{spec.tag}#{uuid.uuid4().hex[:8]}"
-                observed.replicas[tag] = ReplicaState(tag, spec.tag, demand)
+            self._add_pending(spec, observed, len(leaving))
             errors = await self._start_pending(spec, observed)
             if errors:
                 observed.last_error = errors[-1]

@@ -6,6 +6,7 @@ test can never answer for the next one.
 from __future__ import annotations
 
 import math
+import random
 import socket
 import time
 
@@ -15,10 +16,39 @@ from distributed import Client, LocalCluster
 import daskserve as serve
 
 
+def _ephemeral_ports() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            low, high = map(int, ports.read().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
+_EPHEMERAL = _ephemeral_ports()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now that neither the kernel nor this session hands out again.
+
+    A port the kernel picked (``bind(0)``) is released at once and may go next to
+    any Dask listener or outgoing connection before the test binds it. Ports below
+    the ephemeral range are only ever taken by asking for them by number.
+    """
+    rng = random.Random()
+    for _ in range(10_000):
+        port = rng.randrange(10_000, 65_536)
+        if port in _handed_out or port in _EPHEMERAL:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 def wait_until(predicate, timeout: float = 60, interval: float = 0.05,

@@ -6,13 +6,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import requests
 from distributed import Client, LocalCluster
 
 import daskserve as serve
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 TIMEOUT = 30  # safety limit for every remote result and HTTP request
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +25,6 @@ def square(x):
 
 def hello(request):
     return "hello"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_refuses(port: int) -> bool:
@@ -171,7 +166,7 @@ def test_shutdown_removes_everything_and_cluster_stays_healthy(dask_client, http
     assert dask_client.submit(inc, 41, pure=False).result(timeout=TIMEOUT) == 42
 
     # A new instance starts from scratch and can use every CPU slot again.
-    port = _free_port()
+    port = free_port()
     again = serve.start(dask_client, http_options={"port": port})
     try:
         assert again.list_backends() == {} and again.list_endpoints() == {}
@@ -195,18 +190,35 @@ def test_module_level_shutdown(dask_client, http_port):
         serve.list_backends()
 
 
+def _constant(*args):
+    return "from an owned cluster"
+
+
+async def _current_thread() -> threading.Thread:
+    return threading.current_thread()
+
+
 def test_start_without_a_client_owns_its_cluster(http_port):
     client = serve.start(None, http_options={"port": http_port})
     dask_client = client.dask_client
+    # The cluster's event loop runs in a thread of this process; it must end with it.
+    loop_thread = dask_client.sync(_current_thread)
     try:
         assert isinstance(dask_client, Client)
-        client.create_backend("square", square)
-        client.create_endpoint("square", backend="square")
-        assert client.get_handle("square").remote(12).result(timeout=TIMEOUT) == 144
+        client.create_backend("constant", _constant, replica_options={"num_cpus": 0.5})
+        client.create_endpoint("constant", backend="constant", route="/constant")
+        handle = client.get_handle("constant")
+        assert handle.remote().result(timeout=TIMEOUT) == "from an owned cluster"
+        reply = requests.get(f"http://127.0.0.1:{http_port}/constant", timeout=TIMEOUT)
+        assert reply.text == "from an owned cluster"
     finally:
         client.shutdown()
-    assert dask_client.status == "closed"
+    assert dask_client.status == "closed"  # shutdown closed the cluster it made
     assert _port_refuses(http_port)
+    # The controller's own Dask client used to hold that loop open after the cluster
+    # closed; a loop thread still running at interpreter exit can crash the process.
+    loop_thread.join(timeout=TIMEOUT)
+    assert not loop_thread.is_alive(), "the owned cluster's event loop outlived it"
 
 
 # -- proxy locations ------------------------------------------------------------------------
@@ -326,19 +338,3 @@ def test_scheduler_preload_starts_an_instance(tmp_path, http_port):
             _stop(proc)
         for log in logs:
             log.close()
-
-
-def _constant(*args):
-    return "from an owned cluster"
-
-
-def test_start_without_a_client_owns_its_local_cluster(http_port):
-    client = serve.start(http_options={"port": http_port})
-    try:
-        client.create_backend("constant", _constant, replica_options={"num_cpus": 0.5})
-        client.create_endpoint("constant", backend="constant", route="/constant")
-        reply = requests.get(f"http://127.0.0.1:{http_port}/constant", timeout=30)
-        assert reply.text == "from an owned cluster"
-    finally:
-        client.shutdown()
-    assert client.dask_client.status == "closed"  # shutdown closed the cluster it made
