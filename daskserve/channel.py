@@ -158,6 +158,7 @@ class Channel:
     def __init__(self, address: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter):
         self.address = address
+        self.lane: str | None = None  # where the same process's thread lane listens
         self._out = _Writer(writer)
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future] = {}
@@ -221,11 +222,12 @@ class Channel:
 
 
 class ChannelPool:
-    """A router's channels, one per Dask server that hosts replicas.
+    """A router's channels, one per Dask server that hosts replicas, and its
+    connections to their thread lanes (``daskserve.lane``).
 
-    A channel opens on first use: the Dask server is asked where its channel listens
-    (``WorkerOp.CHANNEL``, over the router's Dask connection pool, whose TLS settings
-    the channel shares) and is then used until either end closes it.
+    A channel opens on first use: the Dask server is asked where its channel and
+    lane listen (``WorkerOp.CHANNEL``, over the router's Dask connection pool, whose
+    TLS settings both share) and is then used until either end closes it.
     """
 
     def __init__(self, dask_pool: Any, connect_timeout: float = 30.0):
@@ -234,6 +236,7 @@ class ChannelPool:
         self._timeout = connect_timeout
         self._channels: dict[str, Channel] = {}
         self._opening: dict[str, asyncio.Future] = {}
+        self._lanes: set[Channel] = set()
 
     def ready(self, address: str) -> Channel | None:
         """The open channel to ``address``, if there is one; never waits."""
@@ -269,10 +272,11 @@ class ChannelPool:
         try:
             where = await asyncio.wait_for(
                 getattr(self._dask(address), WorkerOp.CHANNEL)(), self._timeout)
-            if where is None:
+            if where["channel"] is None:
                 raise ConnectionRefusedError(f"{address} serves no request channel")
-            channel = await asyncio.wait_for(Channel.open(where, self._context),
+            channel = await asyncio.wait_for(Channel.open(where["channel"], self._context),
                                              self._timeout)
+            channel.lane = where["lane"]
         except asyncio.TimeoutError as exc:
             raise ConnectionRefusedError(f"no channel to {address} within "
                                          f"{self._timeout:g} s") from exc
@@ -288,7 +292,16 @@ class ChannelPool:
         if self._channels.get(address) is channel:
             del self._channels[address]
 
+    async def open_lane(self, address: str) -> Channel:
+        """A new connection to the thread lane at ``address``; the pool closes it
+        with the rest."""
+        lane = await asyncio.wait_for(Channel.open(address, self._context), self._timeout)
+        self._lanes.add(lane)
+        lane.on_close = self._lanes.discard
+        return lane
+
     def close(self) -> None:
-        for channel in list(self._channels.values()):
+        for channel in [*self._channels.values(), *self._lanes]:
             channel.close()
         self._channels.clear()
+        self._lanes.clear()

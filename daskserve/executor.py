@@ -8,7 +8,10 @@ that process's worker plugin, which hands it messages.
 
 Async user code runs on the host's event loop; sync user code runs in a thread pool
 the executor owns, so a slow model never blocks the loop that serves other replicas
-and Dask's own heartbeats.
+and Dask's own heartbeats, or in the thread of the lane that read its request
+(``serve_here``, see ``daskserve.lane``). Both share ``sync_threads`` slots. What the
+loop and those threads both touch (the counts of work in flight and running, the
+draining flag) changes under one lock.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import importlib
 import inspect
 import logging
 import os
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +75,10 @@ def uncollected_result_ttl() -> float:
     return parse_timedelta(value, default="seconds")
 
 
+class Draining(Exception):
+    """The replica takes no new work: its router should send it elsewhere."""
+
+
 class _Ticket:
     """A message's requests whose results its router has not collected yet."""
 
@@ -120,7 +128,8 @@ class ReplicaExecutor:
         finally:
             context.leave(token)
         self._config = BackendConfig.from_wire(config)
-        self._pool = self._new_pool()
+        self._lock = threading.Lock()
+        self._pool, self._slots = self._new_pool()
         self._hop = ThreadHop(self._loop)
         self._methods: dict[str, _Method] = {}
         self.in_flight = 0  # requests whose results some router still waits for
@@ -152,10 +161,13 @@ class ReplicaExecutor:
         if self._config.user_config is not None:
             await self._reconfigure(self._config.user_config)
 
-    def _new_pool(self) -> ThreadPoolExecutor:
-        # Threads start lazily, so the limit costs nothing until requests need it.
-        return ThreadPoolExecutor(max_workers=self._sync_threads(),
-                                  thread_name_prefix=f"daskserve-{self.context.replica_tag}")
+    def _new_pool(self) -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
+        """The handler threads and the slots they share with the lane's threads.
+        Threads start lazily, so the limit costs nothing until requests need it."""
+        threads = self._sync_threads()
+        return (ThreadPoolExecutor(max_workers=threads,
+                                   thread_name_prefix=f"daskserve-{self.context.replica_tag}"),
+                threading.BoundedSemaphore(threads))
 
     def _sync_threads(self) -> int:
         """``BackendConfig.sync_threads``, or one more than the replica's CPUs.
@@ -198,13 +210,23 @@ class ReplicaExecutor:
     async def _invoke(self, method: _Method, *args: Any, **kwargs: Any) -> Any:
         if method.is_async:
             return await method.fn(*args, **kwargs)
-        call = functools.partial(contextvars.copy_context().run, method.fn, *args, **kwargs)
+        call = functools.partial(_in_slot, self._slots, contextvars.copy_context().run,
+                                 method.fn, *args, **kwargs)
         return await self._hop.run(self._pool, call)
 
+    def _begin(self) -> None:
+        with self._lock:
+            if not self._running:
+                self._busy_since = time.monotonic()
+            self._running += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._running -= 1
+            self._last_end = time.monotonic()
+
     async def _run(self, name: str, args: tuple, kwargs: dict) -> Any:
-        if not self._running:
-            self._busy_since = time.monotonic()
-        self._running += 1
+        self._begin()
         try:
             method = self._method(name)
             if method.batch is None:
@@ -217,26 +239,77 @@ class ReplicaExecutor:
                 )
             return await method.batch.submit(args[0])
         finally:
-            self._running -= 1
-            self._last_end = time.monotonic()
+            self._end()
+
+    def _run_here(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """``_run`` for a sync, unbatched method, in the calling thread."""
+        self._begin()
+        try:
+            with self._slots:
+                return self._methods[name].fn(*args, **kwargs)
+        finally:
+            self._end()
 
     # -- requests ---------------------------------------------------------------
     async def _serve_http(self, wire: WireRequest) -> WireResponse:
         try:
             return encode_result(await self._run("__call__", (build_request(wire),), {}))
         except Exception as exc:
-            logger.info("backend %s raised on HTTP request", self.context.backend_tag,
-                        exc_info=True)
-            return exception_response(exc, self.context.backend_tag, self.context.replica_tag)
+            return self._http_failure(exc)
 
     async def _serve_call(self, name: str, args: tuple, kwargs: dict) -> tuple[bool, Any]:
         try:
             return True, await self._run(name, args, kwargs)
         except Exception as exc:
-            if hasattr(exc, "add_note"):
-                exc.add_note(f"raised in backend {self.context.backend_tag!r}, replica "
-                             f"{self.context.replica_tag!r}:\n{traceback.format_exc()}")
-            return False, exc
+            return self._call_failure(exc)
+
+    def _http_failure(self, exc: Exception) -> WireResponse:
+        logger.info("backend %s raised on HTTP request", self.context.backend_tag,
+                    exc_info=True)
+        return exception_response(exc, self.context.backend_tag, self.context.replica_tag)
+
+    def _call_failure(self, exc: Exception) -> tuple[bool, Any]:
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"raised in backend {self.context.backend_tag!r}, replica "
+                         f"{self.context.replica_tag!r}:\n{traceback.format_exc()}")
+        return False, exc
+
+    def runs_here(self, http: list[WireRequest], calls: list[tuple]) -> bool:
+        """Whether ``serve_here`` would run this message: one request, to a method
+        already seen to be sync and unbatched."""
+        if len(http) + len(calls) != 1:
+            return False
+        method = self._methods.get("__call__" if http else calls[0][0])
+        return method is not None and not method.is_async and method.batch is None
+
+    def serve_here(self, http: list[WireRequest], calls: list[tuple]) -> Outcome | None:
+        """Run a message of one request in the calling thread (a lane's), not the
+        loop's; None if it is not such a message (``runs_here``). Raises
+        ``Draining`` when the replica takes no new work."""
+        if not self.runs_here(http, calls):
+            return None
+        with self._lock:
+            if self.draining:
+                raise Draining
+            self.in_flight += 1
+        token = context.enter(self.context)
+        try:
+            if http:
+                try:
+                    result = encode_result(self._run_here("__call__",
+                                                          (build_request(http[0]),), {}))
+                except Exception as exc:
+                    result = self._http_failure(exc)
+            else:
+                name, args, kwargs = calls[0]
+                try:
+                    result = True, self._run_here(name, args, kwargs)
+                except Exception as exc:
+                    result = self._call_failure(exc)
+        finally:
+            context.leave(token)
+            self._settle(1)
+        return self._split({0: result}, len(http), None)
 
     async def handle(self, ticket: int, http: list[WireRequest], calls: list[tuple]) -> Outcome:
         """Start one coalesced message (HTTP requests and handle calls together) and
@@ -255,7 +328,7 @@ class ReplicaExecutor:
                 # The work runs in the handler's own task; a CANCEL for this ticket
                 # cancels that task, and the cancellation ends here.
                 task = asyncio.current_task()
-                self.in_flight += 1
+                self._admit(1)
                 self._inline[ticket] = task
                 try:
                     return self._split({0: await work}, n_http, None)
@@ -278,7 +351,7 @@ class ReplicaExecutor:
                      for i in range(total) if i not in skip}
         finally:
             context.leave(token)
-        self.in_flight += len(tasks)
+        self._admit(len(tasks))
         entry = self._tickets[ticket] = _Ticket(tasks, n_http)
         return await self._first_results(ticket, entry)
 
@@ -350,6 +423,10 @@ class ReplicaExecutor:
         del self._tickets[ticket]
         return self._split(results, entry.n_http, None)
 
+    def cancelled_outcome(self, is_http: bool) -> Outcome:
+        """What a message of one request gets when it is cancelled (``_cancelled``)."""
+        return self._split({0: self._cancelled(is_http)}, int(is_http), None)
+
     def _cancelled(self, is_http: bool) -> Any:
         """The outcome of work cancelled by something other than its router: an
         ``abort`` (503, as for a replica that died), or anything else (500)."""
@@ -369,10 +446,16 @@ class ReplicaExecutor:
         calls = [(i - n_http, *result) for i, result in done.items() if i >= n_http]
         return http, calls, ticket
 
+    def _admit(self, count: int) -> None:
+        with self._lock:
+            self.in_flight += count
+
     def _settle(self, count: int) -> None:
-        self.in_flight -= count
-        if self.in_flight == 0 and self._idle is not None:
-            self._idle.set()
+        with self._lock:
+            self.in_flight -= count
+            idle = self.in_flight == 0 and self._idle is not None
+        if idle:  # a drain waits for it, on the loop (this may be a lane's thread)
+            self._loop.call_soon_threadsafe(self._idle.set)
 
     # -- results nobody collects -----------------------------------------------------
     def _sweep_soon(self) -> None:
@@ -437,7 +520,8 @@ class ReplicaExecutor:
             self._methods.clear()
         if (new.max_concurrent_queries, new.sync_threads) != (old.max_concurrent_queries,
                                                               old.sync_threads):
-            old_pool, self._pool = self._pool, self._new_pool()
+            old_pool = self._pool
+            self._pool, self._slots = self._new_pool()
             old_pool.shutdown(wait=False)  # calls already running there finish
         if reconfigure:
             await self._reconfigure(new.user_config)
@@ -495,7 +579,8 @@ class ReplicaExecutor:
         queued behind them never starts.
         """
         self._aborted = reason
-        self.draining = True
+        with self._lock:
+            self.draining = True
         for ticket, task in self._inline.items():
             self._inline_cancelled.add(ticket)
             task.cancel()
@@ -515,9 +600,11 @@ class ReplicaExecutor:
         Only work some router still waits for counts: work its router abandoned was
         cancelled, and results nobody collects expire, so neither holds a drain up.
         """
-        self.draining = True
-        if self.in_flight:
-            self._idle = asyncio.Event()
+        with self._lock:
+            self.draining = True
+            if self.in_flight:
+                self._idle = asyncio.Event()
+        if self._idle is not None:
             await self._idle.wait()
         self._pool.shutdown(wait=False)
 
@@ -528,3 +615,9 @@ def _positive_int(text: str | None) -> int | None:
     except ValueError:
         return None
     return value if value and value > 0 else None
+
+
+def _in_slot(slots: threading.BoundedSemaphore, fn: Callable, *args: Any,
+             **kwargs: Any) -> Any:
+    with slots:
+        return fn(*args, **kwargs)

@@ -317,16 +317,23 @@ _replicas: dict[str, _ReplicaSeries] = {}
 def instrument_replica(executor: Any) -> None:
     """Count and time every request an executor runs.
 
-    Wraps the executor's per-request entry (``_run``), so the executor itself holds
-    no metrics code. Call it before the executor resolves any method: batch queues
-    are built around the methods then.
+    Wraps the executor's per-request entries (``_run`` on its event loop,
+    ``_run_here`` in a lane's thread), so the executor itself holds no metrics code.
+    Call it before the executor resolves any method: batch queues are built around
+    the methods then.
     """
     ctx = executor.context
     series = _replicas[ctx.replica_tag] = _ReplicaSeries(ctx.backend_tag, ctx.replica_tag,
                                                          executor)
-    run = executor._run
+    run, run_here = executor._run, executor._run_here
     methods = executor._methods
     requests, errors, processing = series.requests, series.errors, series.processing
+
+    def counted(name: str, start: float) -> None:
+        requests.inc()
+        method = methods.get(name)
+        if method is None or method.batch is None:  # batches are timed whole
+            processing.observe((_now() - start) * 1000)
 
     async def counted_run(name: str, args: tuple, kwargs: dict) -> Any:
         start = _now()
@@ -336,12 +343,19 @@ def instrument_replica(executor: Any) -> None:
             errors.inc()
             raise
         finally:
-            requests.inc()
-            method = methods.get(name)
-            if method is None or method.batch is None:  # batches are timed whole
-                processing.observe((_now() - start) * 1000)
+            counted(name, start)
 
-    executor._run = counted_run
+    def counted_run_here(name: str, args: tuple, kwargs: dict) -> Any:
+        start = _now()
+        try:
+            return run_here(name, args, kwargs)
+        except Exception:
+            errors.inc()
+            raise
+        finally:
+            counted(name, start)
+
+    executor._run, executor._run_here = counted_run, counted_run_here
 
 
 async def run_batch(run: Callable[[list], Awaitable[list]], items: list,

@@ -59,7 +59,8 @@ class WorkerOp:
     CALL = "daskserve_call"                # router: run a CallMessage, get a CallReply
     COLLECT = "daskserve_collect"          # router: the rest of a message, by ticket
     CANCEL = "daskserve_cancel"            # router: a CancelMessage; no reply needed
-    CHANNEL = "daskserve_channel"          # router: the address of the request channel
+    CHANNEL = "daskserve_channel"          # router: where the request channel and the
+    #   thread lane listen (ChannelAddresses)
     UPDATE = "daskserve_update"            # controller: apply a new BackendConfig (UpdateReply)
     DRAIN = "daskserve_drain"              # controller: finish in-flight work, take no more
     LOCATE = "daskserve_locate"            # controller: where a replica answers CALL
@@ -177,6 +178,16 @@ class CallReply(TypedDict, total=False):
     undecodable: str             # why unpickling ``calls`` failed
     lost: bool
     error: Any                   # why the rest was lost (router side only)
+    lane: bool                   # the lone request ran on handler threads: the next
+                                 # ones to its method may take the thread lane
+    closing: bool                # (lane) the connection closes after this reply
+
+
+class ChannelAddresses(TypedDict):
+    """Where a replica process takes requests (WorkerOp.CHANNEL); None for none."""
+
+    channel: str | None          # daskserve.channel
+    lane: str | None             # daskserve.lane
 
 
 class CancelMessage(TypedDict):

@@ -53,6 +53,9 @@ MAX_ATTEMPTS = 20
 SWEEP_INTERVAL_S = 1.0
 # An abandoned query left in a wait queue is removed in bulk once this many gather.
 COMPACT_AFTER = 32
+# Lone requests one router may have on one replica's thread lane at once; more
+# take the channel (daskserve/lane.py).
+LANE_CONNECTIONS = 4
 
 
 class Query:
@@ -136,7 +139,7 @@ class ReplicaLink:
 
     __slots__ = ("backend", "tag", "address", "in_flight", "_channels", "_pending",
                  "_flush_scheduled", "_on_done", "_tickets", "_cancels", "_connecting",
-                 "_retired")
+                 "_retired", "_lane_methods", "_lanes", "_lanes_busy")
 
     def __init__(self, backend: str, tag: str, address: str, channels: ChannelPool,
                  on_done: Callable[["ReplicaLink", list, bool], None]):
@@ -152,6 +155,11 @@ class ReplicaLink:
         self._cancels: dict[int, tuple[list[int], list[int]]] = {}
         self._connecting: set[asyncio.Future] = set()
         self._retired = False
+        # Methods seen to run on the replica's handler threads: a lone request to one
+        # of them takes the thread lane, on a connection of its own (idle ones here).
+        self._lane_methods: set[str] = set()
+        self._lanes: list[Channel] = []
+        self._lanes_busy = 0
 
     def retire(self) -> None:
         """The replica left the routing table: stop connecting to it.
@@ -164,6 +172,9 @@ class ReplicaLink:
         self._retired = True
         for connecting in self._connecting:
             connecting.cancel()
+        for lane in self._lanes:
+            lane.close()
+        self._lanes.clear()
 
     async def _connect(self) -> Channel:
         """The open channel to the replica's process; raises ``_NotSent`` when it
@@ -263,6 +274,8 @@ class ReplicaLink:
             reply = await self._send(http + calls, message)
             if reply is None:
                 return
+            if reply.get("lane"):
+                self._lane_methods.add(calls[0].method if calls else "__call__")
             if reply.get("retry"):
                 self._on_done(self, http + calls, True)
             elif "undecodable" in reply:
@@ -285,6 +298,9 @@ class ReplicaLink:
             except Exception as exc:  # what the worker would have refused the message with
                 self._fail(queries, exc)
                 return None
+        lane = await self._lane(queries)
+        if lane is not None:
+            return await self._request(queries, lane, message, lane=True)
         try:
             channel = await self._connect()
         except _NotSent:
@@ -294,14 +310,58 @@ class ReplicaLink:
         except RuntimeError as exc:  # the pool is closed: no replica is reachable
             self._fail(queries, ServeError(f"cannot reach replica {self.tag!r}: {exc}"))
             return None
+        return await self._request(queries, channel, message)
+
+    async def _request(self, queries: list[Query], channel: Channel, message: CallMessage,
+                       lane: bool = False) -> CallReply | None:
+        reply = None
         try:
-            return await channel.request(WorkerOp.CALL, **message)
+            reply = await channel.request(WorkerOp.CALL, **message)
         except OSError as exc:
             self._fail(queries, ReplicaUnavailableError(
                 self.backend, self.tag, str(exc) or type(exc).__name__))
         except ChannelError as exc:  # the worker refused the message itself
             self._fail(queries, ServeError(f"replica {self.tag!r} refused a message: {exc}"))
-        return None
+        finally:
+            if lane:
+                self._lanes_busy -= 1
+                # Only a connection with nothing outstanding may carry the next request.
+                if reply is None or reply.get("closing") or channel.closed or self._retired:
+                    channel.close()
+                else:
+                    self._lanes.append(channel)
+        return reply
+
+    async def _lane(self, queries: list[Query]) -> Channel | None:
+        """A lane connection for a lone request to a method seen to run on handler
+        threads, if the replica's process has a lane and one is free or may open."""
+        if len(queries) != 1 or not self._lane_methods or self._retired:
+            return None
+        query = queries[0]
+        if (query.method if query.wire is None else "__call__") not in self._lane_methods:
+            return None
+        channel = self._channels.ready(self.address)
+        if channel is None or channel.lane is None:
+            return None
+        while self._lanes:
+            lane = self._lanes.pop()
+            if not lane.closed:  # (one whose process went away while it sat idle is)
+                self._lanes_busy += 1
+                return lane
+        if self._lanes_busy >= LANE_CONNECTIONS:
+            return None
+        self._lanes_busy += 1
+        try:
+            return await self._channels.open_lane(channel.lane)
+        except Exception as exc:  # nothing was sent: the channel takes it, and the rest
+            self._lanes_busy -= 1
+            self._lane_methods.clear()
+            logger.info("no thread lane to replica %s (%r); using its channel", self.tag,
+                        exc)
+            return None
+        except BaseException:
+            self._lanes_busy -= 1
+            raise
 
     def _drop_unpicklable(self, calls: list[Query]) -> list[Query]:
         """The calls' one pickle failed: fail just the calls at fault, keep the rest."""

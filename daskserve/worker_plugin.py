@@ -4,8 +4,9 @@ The controller registers the plugin once per instance; Dask then sets it up on e
 worker, including workers that join later, before they run any task, so it is there
 before the first replica is placed. It holds:
 
-- the worker handlers of ``protocol.WorkerOp``, and the request channel that serves
-  the fast path routers call (``daskserve.channel``);
+- the worker handlers of ``protocol.WorkerOp``, the request channel that serves the
+  fast path routers call (``daskserve.channel``), and the thread lane beside it for
+  ``def`` handlers (``daskserve.lane``);
 - the registry of replica executors living in this process, keyed by replica tag;
 - the process environment replicas asked for (``replica_options.env_vars``);
 - the EveryNode HTTP proxy, when this worker runs one.
@@ -18,6 +19,7 @@ and replica replacement lose no request: the router sends those requests elsewhe
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any, Callable
@@ -28,8 +30,10 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from . import event_loop, metrics, pickling
 from .channel import ChannelServer
 from .config import HTTPOptions
-from .executor import ReplicaExecutor
-from .protocol import CallReply, HealthReply, UpdateReply, WireRequest, WorkerOp
+from .executor import Draining, ReplicaExecutor
+from .lane import LaneServer
+from .protocol import (CallReply, ChannelAddresses, HealthReply, UpdateReply, WireRequest,
+                       WorkerOp)
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +61,16 @@ class ServeWorkerPlugin(WorkerPlugin):
         self.remote: dict[str, str] = {}  # replicas hosted here, served by a child process
         self.proxy: Any = None
         self._environment = ProcessEnvironment()
+        self._loop = asyncio.get_running_loop()
         self.channel = ChannelServer({WorkerOp.CALL: self.call,
                                       WorkerOp.COLLECT: self.collect,
                                       WorkerOp.CANCEL: self.cancel})
+        self.lane = LaneServer(WorkerOp.CALL, self.call_here)
         security = getattr(worker, "security", None)
         context = (security.get_listen_args("worker").get("ssl_context")
                    if security is not None else None)
         await self.channel.start(worker.address, context)
+        self.lane.start(worker.address, context)
         event_loop.warn_if_slow("worker hosting replicas")
         worker.handlers.update(self.handlers())
         _in_process[worker.address] = self
@@ -75,6 +82,7 @@ class ServeWorkerPlugin(WorkerPlugin):
             worker.handlers.pop(name, None)
         await self.stop_proxy()
         await self.channel.stop()
+        self.lane.stop()
 
     def handlers(self) -> dict[str, Callable]:
         """The Dask handlers; the request path has its own channel."""
@@ -85,8 +93,8 @@ class ServeWorkerPlugin(WorkerPlugin):
                 WorkerOp.START_PROXY: self.start_proxy, WorkerOp.STOP_PROXY: self.stop_proxy,
                 WorkerOp.METRICS: self.metrics_snapshot}  # observability
 
-    def channel_address(self) -> str | None:
-        return self.channel.address
+    def channel_address(self) -> ChannelAddresses:
+        return {"channel": self.channel.address, "lane": self.lane.address}
 
     async def metrics_snapshot(self, names: list[str] | None = None) -> dict:
         """``WorkerOp.METRICS``, GPUs named as placement names them (a replica's
@@ -139,7 +147,30 @@ class ServeWorkerPlugin(WorkerPlugin):
             decoded = cloudpickle.loads(calls) if calls else []
         except Exception as exc:  # nothing has started: the router may split the message
             return {"undecodable": pickling.summarize(exc)}
-        return _reply(await executor.handle(ticket, http or [], decoded))
+        reply = _reply(await executor.handle(ticket, http or [], decoded))
+        if self.lane.address is not None and executor.runs_here(http or [], decoded):
+            reply["lane"] = True
+        return reply
+
+    def call_here(self, replica: str, ticket: int, http: list[WireRequest] | None = None,
+                  calls: bytes | None = None) -> CallReply:
+        """``call`` in a thread of the lane: a lone request to a ``def`` method runs
+        right here; anything else goes to the event loop, as on the channel."""
+        executor = self.executors.get(replica)
+        if executor is None:
+            return {"retry": True}
+        try:
+            decoded = cloudpickle.loads(calls) if calls else []
+        except Exception as exc:
+            return {"undecodable": pickling.summarize(exc)}
+        try:
+            outcome = executor.serve_here(http or [], decoded)
+        except Draining:
+            return {"retry": True}
+        if outcome is None:
+            return asyncio.run_coroutine_threadsafe(
+                self.call(replica, ticket, http, calls), self._loop).result()
+        return _reply(outcome)
 
     async def collect(self, replica: str, ticket: int) -> CallReply:
         executor = self.executors.get(replica)
@@ -191,6 +222,8 @@ class ServeWorkerPlugin(WorkerPlugin):
         executor = self.executors.get(replica)
         if executor is not None:
             executor.abort(reason)
+            self.lane.abort(replica, lambda is_http: {
+                **_reply(executor.cancelled_outcome(is_http)), "closing": True})
             self.remove_replica(replica)
 
     async def start_proxy(self, options: dict, listener_id: str) -> int:

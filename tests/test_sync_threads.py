@@ -33,6 +33,9 @@ class Overlap:
 
 def _peak_overlap(serve_client, tag: str, calls: int) -> int:
     handle = serve_client.get_handle(tag)
+    # Once a call has run, lone calls take the thread lane and the rest the handler
+    # pool (daskserve/lane.py): the limit holds for both together.
+    handle.remote(0).result(timeout=60)
     with ThreadPoolExecutor(calls) as pool:
         list(pool.map(lambda _: handle.remote(0.3).result(timeout=60), range(calls)))
     return handle.options(method_name="peak").remote().result(timeout=30)
