@@ -137,6 +137,8 @@ class ReplicaExecutor:
         self._tickets: dict[int, _Ticket] = {}
         self._inline: dict[int, asyncio.Task] = {}  # ticket -> task running it inline
         self._inline_cancelled: set[int] = set()
+        # Tickets running in a lane's thread (``serve_here``): True once abandoned.
+        self._here: dict[int, bool] = {}
         # Cancels that came before their message (or after its end), and when.
         self._early_cancels: dict[int, tuple[list[int], list[int], float]] = {}
         self._result_ttl = uncollected_result_ttl()
@@ -242,11 +244,11 @@ class ReplicaExecutor:
             self._end()
 
     def _run_here(self, name: str, args: tuple, kwargs: dict) -> Any:
-        """``_run`` for a sync, unbatched method, in the calling thread."""
+        """``_run`` for a sync, unbatched method, in the calling thread (which holds
+        one of the ``sync_threads`` slots)."""
         self._begin()
         try:
-            with self._slots:
-                return self._methods[name].fn(*args, **kwargs)
+            return self._methods[name].fn(*args, **kwargs)
         finally:
             self._end()
 
@@ -282,33 +284,45 @@ class ReplicaExecutor:
         method = self._methods.get("__call__" if http else calls[0][0])
         return method is not None and not method.is_async and method.batch is None
 
-    def serve_here(self, http: list[WireRequest], calls: list[tuple]) -> Outcome | None:
+    def serve_here(self, ticket: int, http: list[WireRequest],
+                   calls: list[tuple]) -> Outcome | None:
         """Run a message of one request in the calling thread (a lane's), not the
         loop's; None if it is not such a message (``runs_here``). Raises
-        ``Draining`` when the replica takes no new work."""
+        ``Draining`` when the replica takes no new work.
+
+        Like a call queued for the pool, one whose router gives up (``cancel``) stops
+        counting as in flight at once, and never starts if it still waits for a slot.
+        """
         if not self.runs_here(http, calls):
             return None
         with self._lock:
             if self.draining:
                 raise Draining
             self.in_flight += 1
+            self._here[ticket] = False
         token = context.enter(self.context)
         try:
-            if http:
-                try:
-                    result = encode_result(self._run_here("__call__",
-                                                          (build_request(http[0]),), {}))
-                except Exception as exc:
-                    result = self._http_failure(exc)
-            else:
-                name, args, kwargs = calls[0]
-                try:
-                    result = True, self._run_here(name, args, kwargs)
-                except Exception as exc:
-                    result = self._call_failure(exc)
+            with self._slots:
+                if self._here[ticket]:
+                    result = self._cancelled(bool(http))
+                elif http:
+                    try:
+                        result = encode_result(self._run_here(
+                            "__call__", (build_request(http[0]),), {}))
+                    except Exception as exc:
+                        result = self._http_failure(exc)
+                else:
+                    name, args, kwargs = calls[0]
+                    try:
+                        result = True, self._run_here(name, args, kwargs)
+                    except Exception as exc:
+                        result = self._call_failure(exc)
         finally:
             context.leave(token)
-            self._settle(1)
+            with self._lock:
+                abandoned = self._here.pop(ticket)
+            if not abandoned:
+                self._settle(1)
         return self._split({0: result}, len(http), None)
 
     async def handle(self, ticket: int, http: list[WireRequest], calls: list[tuple]) -> Outcome:
@@ -374,6 +388,13 @@ class ReplicaExecutor:
         if task is not None:
             self._inline_cancelled.add(ticket)
             task.cancel()
+            return
+        with self._lock:
+            here = self._here.get(ticket) is False
+            if here:
+                self._here[ticket] = True
+        if here:  # running in a lane's thread, or waiting there for a slot
+            self._settle(1)
             return
         entry = self._tickets.get(ticket)
         if entry is None:  # overtook its message, or came after its last result

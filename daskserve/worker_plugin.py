@@ -164,7 +164,7 @@ class ServeWorkerPlugin(WorkerPlugin):
         except Exception as exc:
             return {"undecodable": pickling.summarize(exc)}
         try:
-            outcome = executor.serve_here(http or [], decoded)
+            outcome = executor.serve_here(ticket, http or [], decoded)
         except Draining:
             return {"retry": True}
         if outcome is None:

@@ -102,6 +102,8 @@ _sync_started = []
 
 
 def sync_hang(request):
+    if request.query_params.get("n") == "warm":
+        return "warm"
     _sync_started.append(request.query_params.get("n"))
     _release_sync.wait(120)
     return "released"
@@ -376,12 +378,16 @@ def test_cancelling_one_call_of_a_message_spares_its_siblings(serve_client):
                what="the replica to cancel the abandoned call")
 
 
+# warm: a first request returned, so the rest take the thread lane (daskserve/lane.py)
+@pytest.mark.parametrize("warm", [False, True])
 def test_timed_out_sync_requests_never_hold_up_a_scale_down(own_serve, dask_client,
-                                                            http_port):
+                                                            http_port, warm):
     client, url = own_serve(request_timeout_s=1.0), f"http://127.0.0.1:{http_port}"
     dask_client.run(_reset_sync_hangs)
     _deploy(client, "sync_hang", sync_hang, route="/sync_hang",
             config={"max_concurrent_queries": 2})
+    if warm:
+        assert requests.get(f"{url}/sync_hang?n=warm", timeout=TIMEOUT).text == "warm"
     try:
         for n in range(4):
             assert requests.get(f"{url}/sync_hang?n={n}", timeout=TIMEOUT).status_code == 504
