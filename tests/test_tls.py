@@ -2,6 +2,8 @@
 to replicas and handles all travel over TLS and work."""
 from __future__ import annotations
 
+import threading
+
 import requests
 from distributed import Client, LocalCluster
 from distributed.security import Security
@@ -11,7 +13,7 @@ from conftest import free_port
 
 
 def answer(*args):
-    return "over tls"
+    return f"over tls in {threading.current_thread().name}"
 
 
 def test_serving_on_a_tls_cluster():
@@ -25,8 +27,13 @@ def test_serving_on_a_tls_cluster():
         try:
             client.create_backend("answer", answer)
             client.create_endpoint("answer", backend="answer", route="/answer")
-            assert requests.get(f"http://127.0.0.1:{port}/answer", timeout=30).text == \
-                "over tls"
-            assert client.get_handle("answer").remote().result(timeout=30) == "over tls"
+            handle = client.get_handle("answer")
+            replies = [requests.get(f"http://127.0.0.1:{port}/answer", timeout=30).text,
+                       handle.remote().result(timeout=30)]
+            # Later lone requests take the thread lane, which speaks TLS too.
+            replies += [requests.get(f"http://127.0.0.1:{port}/answer", timeout=30).text,
+                        handle.remote().result(timeout=30)]
+            assert all(reply.startswith("over tls in ") for reply in replies), replies
+            assert replies[2:] == ["over tls in daskserve-lane"] * 2, replies
         finally:
             client.shutdown()
