@@ -355,9 +355,8 @@ class ReplicaLink:
             return await self._channels.open_lane(channel.lane)
         except Exception as exc:  # nothing was sent: the channel takes it, and the rest
             self._lanes_busy -= 1
-            self._lane_methods.clear()
-            logger.info("no thread lane to replica %s (%r); using its channel", self.tag,
-                        exc)
+            channel.lane = None  # for every replica of that process, while it stays open
+            logger.info("no thread lane to %s (%r); using its channel", self.address, exc)
             return None
         except BaseException:
             self._lanes_busy -= 1

@@ -91,3 +91,25 @@ def test_concurrent_lone_requests_all_answer(serve_client, base_url):
             lambda _: requests.get(f"{base_url}/lane_load", timeout=TIMEOUT), range(300)))
     assert {reply.status_code for reply in replies} == {200}
     assert LANE in {reply.text for reply in replies}
+
+
+def _stop_lane(dask_worker):
+    dask_worker.plugins["daskserve-worker"].lane.stop()
+
+
+def _restart_lane(dask_worker):
+    plugin = dask_worker.plugins["daskserve-worker"]
+    plugin.lane.start(dask_worker.address, None)
+
+
+def test_an_unreachable_lane_leaves_requests_to_the_channel(serve_client, base_url,
+                                                            dask_client):
+    _deploy(serve_client, "lane_gone", thread_name)
+    assert _http_threads(base_url, "lane_gone", 2)[1] == LANE
+    dask_client.run(_stop_lane)  # its connections close, and it refuses new ones
+    try:
+        threads = _http_threads(base_url, "lane_gone", 5)
+    finally:
+        dask_client.run(_restart_lane)
+    assert LANE not in threads
+    assert all(name.startswith("daskserve-lane_gone#") for name in threads), threads
