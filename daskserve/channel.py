@@ -31,8 +31,7 @@ from .tasks import spawn
 
 logger = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("!I")
-_PACK = msgpack.Packer(use_bin_type=True).pack
+HEADER = struct.Struct("!I")  # a frame's length, before its msgpack body
 # Tuples for arrays, as Dask's msgpack decoding gives, so replies read the same
 # whichever way they travelled.
 _UNPACK = dict(raw=False, use_list=False, strict_map_key=False)
@@ -45,14 +44,20 @@ class ChannelError(Exception):
     """The other end refused a request; carries its error's text."""
 
 
-def _frame(payload: Any) -> bytes:
-    body = _PACK(payload)
-    return _HEADER.pack(len(body)) + body
+def frame(payload: Any) -> bytes:
+    """A frame for ``payload``; safe from any thread (the lane's too)."""
+    body = msgpack.packb(payload, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def unpack(body: bytes) -> Any:
+    """A frame's body, decoded."""
+    return msgpack.unpackb(body, **_UNPACK)
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> Any:
-    (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    return msgpack.unpackb(await reader.readexactly(size), **_UNPACK)
+    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    return unpack(await reader.readexactly(size))
 
 
 class _Writer:
@@ -64,7 +69,7 @@ class _Writer:
         self._lock = asyncio.Lock()
 
     async def send(self, payload: Any) -> None:
-        self.stream.write(_frame(payload))
+        self.stream.write(frame(payload))
         if self._transport.get_write_buffer_size() > _HIGH_WATER:
             async with self._lock:  # one waiter at a time, whatever the Python version
                 await self.stream.drain()

@@ -25,7 +25,7 @@ import msgpack
 from distributed.comm import parse_address, unparse_host_port
 from distributed.comm.addressing import parse_host_port
 
-from .channel import _HEADER, _UNPACK, _frame, channel_ssl
+from .channel import HEADER, channel_ssl, frame, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class _Connection:
 
     def send(self, payload: Any) -> None:
         with self.write_lock:
-            self.sock.sendall(_frame(payload))
+            self.sock.sendall(frame(payload))
 
 
 class LaneServer:
@@ -113,7 +113,7 @@ class LaneServer:
                     continue
                 connection.answered = True
                 try:
-                    connection.sock.sendall(_frame([running[1], True, answer(running[2])]))
+                    connection.sock.sendall(frame([running[1], True, answer(running[2])]))
                 except OSError:
                     pass
             _shut(connection.sock)
@@ -142,9 +142,8 @@ class LaneServer:
             self._connections.add(connection)
         try:
             while True:
-                (size,) = _HEADER.unpack(connection.read_exactly(_HEADER.size))
-                msg_id, op, kwargs = msgpack.unpackb(connection.read_exactly(size),
-                                                     **_UNPACK)
+                (size,) = HEADER.unpack(connection.read_exactly(HEADER.size))
+                msg_id, op, kwargs = unpack(connection.read_exactly(size))
                 if op != self._op:
                     connection.send([msg_id, False, f"unknown lane operation {op!r}"])
                     continue
@@ -159,7 +158,7 @@ class LaneServer:
                     connection.running = None
                     if connection.answered:
                         return  # aborted while it ran: its connection is closed
-                    connection.sock.sendall(_frame(reply))
+                    connection.sock.sendall(frame(reply))
         except (OSError, ssl.SSLError, ValueError, msgpack.UnpackException):
             pass  # the router went away, or the lane was stopped
         finally:
