@@ -1,15 +1,15 @@
 """The thread lane: requests for ``def`` handlers, run by the thread that reads them.
 
 Why: on the request channel a call to a ``def`` handler crosses threads twice (the
-event loop hands it to a handler thread, which hands the answer back), and on an
-idle machine each crossing wakes a thread that sleeps on another core. At low load
-those two wake-ups cost as much as everything else a request does
-(``benchmarks/RESULTS.md``). Here one thread per connection reads a request, runs the
+event loop hands it to a handler thread, which hands the answer back), and at low
+load each crossing wakes a sleeping thread. Those two wake-ups cost about as much as
+everything else a request does (``benchmarks/RESULTS.md``). Here one thread per connection reads a request, runs the
 handler and writes the answer: one wake-up, as the event loop has for ``async def``.
 
 A router sends a request this way only when it travels alone and its method was
-seen to run on the replica's handler threads; it keeps one request per connection
-at a time, so a connection needs no multiplexing and its thread no event loop.
+seen to run on the replica's handler threads, over at most a few connections per
+replica (``router.LANE_CONNECTIONS``); it keeps one request per connection at a
+time, so a connection needs no multiplexing and its thread no event loop.
 Everything else (messages of several requests, ``async def`` and batched methods,
 ``COLLECT``, ``CANCEL``) goes over the channel. Frames are the channel's.
 """
@@ -29,6 +29,8 @@ from .channel import HEADER, channel_ssl, frame, unpack
 
 logger = logging.getLogger(__name__)
 
+_CHUNK = 1 << 20  # most bytes one read takes from a connection
+
 
 class _Connection:
     """One router's connection, and what its thread is running now."""
@@ -40,14 +42,16 @@ class _Connection:
         self.answered = False  # someone else answered the running request (abort)
 
     def read_exactly(self, size: int) -> bytes:
-        buffer = bytearray(size)
-        view, got = memoryview(buffer), 0
+        # Memory grows only with what arrives: a stray client's bytes read as a
+        # length must not allocate that much up front.
+        chunks, got = [], 0
         while got < size:
-            n = self.sock.recv_into(view[got:])
-            if not n:
+            chunk = self.sock.recv(min(size - got, _CHUNK))
+            if not chunk:
                 raise ConnectionResetError("the router closed the connection")
-            got += n
-        return bytes(buffer)
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
 
     def send(self, payload: Any) -> None:
         with self.write_lock:

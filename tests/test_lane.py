@@ -5,13 +5,18 @@ are named ``daskserve-lane``) from the handler pool and the event loop.
 """
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 import daskserve as serve
+from daskserve.channel import Channel, ChannelError
+from daskserve.lane import LaneServer
 
 TIMEOUT = 30
 LANE = "daskserve-lane"
@@ -113,3 +118,26 @@ def test_an_unreachable_lane_leaves_requests_to_the_channel(serve_client, base_u
         dask_client.run(_restart_lane)
     assert LANE not in threads
     assert all(name.startswith("daskserve-lane_gone#") for name in threads), threads
+
+
+def test_the_lane_server_answers_its_frames_and_shrugs_off_stray_bytes():
+    server = LaneServer("double", lambda x: 2 * x)
+    address = server.start("tcp://127.0.0.1:1", None)
+    try:
+        host, port = address[len("tcp://"):].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as stray:
+            # Not a frame: its first four bytes read as a length of about 1.2 GB.
+            stray.sendall(b"GET / HTTP/1.1\r\nHost: lane\r\n\r\n")
+
+        async def use() -> int:
+            channel = await Channel.open(address, None)
+            try:
+                with pytest.raises(ChannelError, match="unknown lane operation"):
+                    await channel.request("triple", x=1)
+                return await asyncio.wait_for(channel.request("double", x=21), 5)
+            finally:
+                channel.close()
+
+        assert asyncio.run(use()) == 42
+    finally:
+        server.stop()
