@@ -167,7 +167,7 @@ class Channel:
         self._out = _Writer(writer)
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future] = {}
-        self.closed = False
+        self._shut_down = False
         self.on_close: Callable[["Channel"], None] | None = None
         self._reading = spawn(self._read(reader))
 
@@ -178,6 +178,13 @@ class Channel:
         reader, writer = await asyncio.open_connection(
             host, port, ssl=tls, server_hostname=host if tls else None)
         return cls(address, reader, writer)
+
+    @property
+    def closed(self) -> bool:
+        """True once either end closed it. The transport knows first: a reset the loop
+        has seen may not have reached this channel's reader yet, and a write then
+        would fail with nothing sent."""
+        return self._shut_down or self._out.stream.is_closing()
 
     async def request(self, op: str, **kwargs: Any) -> Any:
         """Send one request and wait for its reply.
@@ -213,7 +220,7 @@ class Channel:
             self._shut(error)
 
     def _shut(self, error: BaseException) -> None:
-        self.closed = True
+        self._shut_down = True
         self._out.stream.close()
         if self.on_close is not None:
             self.on_close(self)

@@ -114,3 +114,21 @@ def test_an_open_that_fails_after_its_waiters_left_leaves_no_unread_error():
 
     asyncio.run(main())
     assert not [m for m in unread if "never retrieved" in (m or "")], unread
+
+
+def test_a_transport_the_loop_closed_counts_as_closed_before_the_reader_knows():
+    """A connection reset closes the transport at once, while the channel's reader
+    learns of it a moment later. A request in between must see a closed channel
+    (and its router send the work elsewhere), not fail on a dead transport."""
+
+    async def main():
+        server, address = await _serve({"echo": lambda value: value})
+        channel = await Channel.open(address, None)
+        assert await channel.request("echo", value=1) == 1
+        channel._out.stream.transport.abort()  # as the loop does on a reset
+        assert channel.closed
+        with pytest.raises(ConnectionResetError):
+            await channel.request("echo", value=2)
+        await server.stop()
+
+    asyncio.run(main())
