@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 from contextlib import ExitStack
+from typing import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -61,6 +62,20 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = stat.read().rpartition(")")[2].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def shuffled_points(names: list[str], rounds: int,
+                    connections: list[int]) -> Iterator[tuple[int, int, str]]:
+    """Every (round, connections, server) point to measure, the servers in a fresh
+    random order at each concurrency, so none always runs right after another;
+    reports each finished round on stderr."""
+    for round_ in range(rounds):
+        for c in connections:
+            order = list(names)
+            random.shuffle(order)
+            for name in order:
+                yield round_, c, name
+        print(f"round {round_ + 1}/{rounds} done", file=sys.stderr)
 
 
 def start_tornado(stack: ExitStack) -> tuple[str, list[int]]:
@@ -116,19 +131,14 @@ def main() -> None:
 
         rps: dict[tuple[str, int], list[float]] = {}
         cpu_us: dict[tuple[str, int], list[float]] = {}
-        for round_ in range(args.rounds):
-            for c in args.connections:
-                order = list(urls)
-                random.shuffle(order)
-                for name in order:
-                    before = cpu_seconds(pids[name])
-                    result = run_wrk(urls[name], c, args.duration)
-                    used = cpu_seconds(pids[name]) - before
-                    assert result["errors"] == 0, (name, result)
-                    rps.setdefault((name, c), []).append(result["rps"])
-                    cpu_us.setdefault((name, c), []).append(
-                        used / (result["rps"] * args.duration) * 1e6)
-            print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+        for _, c, name in shuffled_points(list(urls), args.rounds, args.connections):
+            before = cpu_seconds(pids[name])
+            result = run_wrk(urls[name], c, args.duration)
+            used = cpu_seconds(pids[name]) - before
+            assert result["errors"] == 0, (name, result)
+            rps.setdefault((name, c), []).append(result["rps"])
+            cpu_us.setdefault((name, c), []).append(
+                used / (result["rps"] * args.duration) * 1e6)
 
     print(f"\n{args.rounds} rounds, wrk -t1, {args.duration:g} s per point, servers "
           f"interleaved in shuffled order; medians (min-max)\n")

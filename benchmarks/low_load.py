@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import signal
 import statistics
 import sys
@@ -41,7 +40,8 @@ from typing import Iterator
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from ab_http import cpu_seconds, start_daskserve, start_tornado  # noqa: E402
+from ab_http import (cpu_seconds, shuffled_points, start_daskserve,  # noqa: E402
+                     start_tornado)
 from run import free_port, process, run_wrk, wait_http  # noqa: E402
 
 NEWCOMER = """
@@ -137,23 +137,18 @@ def main() -> None:
             run_wrk(url, 16, 1)  # warm-up
 
         results: dict[tuple[str, int], list[dict]] = {}
-        for round_ in range(args.rounds):
-            for c in args.connections:
-                order = list(urls)
-                random.shuffle(order)
-                for name in order:
-                    with only(pids, name):
-                        # Its own timers fired late while it was paused: let them
-                        # settle under the same load before measuring.
-                        run_wrk(urls[name], c, 1)
-                        before = cpu_seconds(pids[name])
-                        result = run_wrk(urls[name], c, args.duration)
-                        used = cpu_seconds(pids[name]) - before
-                    if result["errors"]:
-                        raise SystemExit(f"{name} answered {result['errors']} errors")
-                    result["cpu_us"] = used / (result["rps"] * args.duration) * 1e6
-                    results.setdefault((name, c), []).append(result)
-            print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+        for _, c, name in shuffled_points(list(urls), args.rounds, args.connections):
+            with only(pids, name):
+                # Its own timers fired late while it was paused: let them settle
+                # under the same load before measuring.
+                run_wrk(urls[name], c, 1)
+                before = cpu_seconds(pids[name])
+                result = run_wrk(urls[name], c, args.duration)
+                used = cpu_seconds(pids[name]) - before
+            if result["errors"]:
+                raise SystemExit(f"{name} answered {result['errors']} errors")
+            result["cpu_us"] = used / (result["rps"] * args.duration) * 1e6
+            results.setdefault((name, c), []).append(result)
         load = os.getloadavg()[0]
 
     def median(name: str, c: int, key: str) -> float:
