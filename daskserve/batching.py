@@ -1,7 +1,7 @@
 """User-visible batching: ``@accept_batch`` and the per-replica batch queue.
 
-Transport coalescing (one RPC per replica per loop tick) happens in the router and
-is always on. This module is the separate, opt-in layer on top: requests that
+Transport coalescing (a few messages per replica per loop tick) happens in the
+router and is always on. This module is the separate, opt-in layer on top: requests that
 arrive at a replica are grouped into lists of up to ``max_batch_size`` and the
 user's handler is called once per list.
 """

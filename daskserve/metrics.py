@@ -28,7 +28,6 @@ becomes a label.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import sys
@@ -156,11 +155,10 @@ class ProxyObserver:
     def __init__(self, options: Any):
         self.access_log = AccessLog() if getattr(options, "access_log", False) else None
 
-    def begin(self) -> None:
-        """Called in a request's own task before it is routed: the router notes there
-        which backend and replica take it (see ``access_trace``)."""
-        if self.access_log is not None:
-            _TRACE.set(_Trace())
+    def trace(self) -> "_Trace | None":
+        """Where one request goes, when the access log wants to know: the proxy hands
+        it to the router with the request, and the router notes the replica in it."""
+        return _Trace() if self.access_log is not None else None
 
     def done(self, exchange: Any, route: str, status: int, endpoint: str) -> None:
         method = exchange.start_line.method
@@ -191,19 +189,6 @@ class _Trace:
         self.backend, self.replica = backend, replica
 
 
-_TRACE: contextvars.ContextVar[_Trace | None] = contextvars.ContextVar(
-    "daskserve_access_trace", default=None)
-
-
-def access_trace() -> _Trace | None:
-    """The trace of the request being routed, if the access log wants one.
-
-    A router takes it when it creates a query, in the request's own task; later
-    dispatches (after a wait or a retry) happen in other tasks, so the query carries
-    it rather than the context."""
-    return _TRACE.get()
-
-
 class AccessLog:
     """One JSON line per HTTP request on the ``daskserve.access`` logger.
 
@@ -224,7 +209,7 @@ class AccessLog:
 
     def write(self, exchange: Any, method: str, route: str, status: int,
               latency_ms: float, endpoint: str) -> None:
-        trace = _TRACE.get()
+        trace = getattr(exchange, "trace", None)
         client = getattr(exchange, "client", None)
         self.logger.info(json.dumps({
             "time": time.time(), "method": method, "route": route, "status": status,

@@ -108,6 +108,7 @@ class BackendRoute(TypedDict):
     max_concurrent_queries: int
     max_queued_requests: int      # -1: unbounded (BackendConfig.queue_limits)
     queue_timeout_s: float | None  # None: wait without bound
+    max_batch_size: int | None    # a full batch travels in one message (router.py)
     replicas: list[ReplicaRoute]  # running replicas only
 
 
@@ -144,7 +145,8 @@ LoadReport = dict
 
 # -- router -> replica ----------------------------------------------------------------
 class CallMessage(TypedDict, total=False):
-    """The queries one router sent one replica in one loop tick (WorkerOp.CALL).
+    """Queries one router sent one replica in one loop tick (WorkerOp.CALL), at most
+    ``router.MESSAGE_REQUESTS`` per message (a batched backend's ``max_batch_size``).
 
     ``replica`` and ``ticket`` are always there; ``http`` and ``calls`` only when
     non-empty. The router picks the ticket (random start, then counting, so tickets

@@ -56,6 +56,13 @@ COMPACT_AFTER = 32
 # Lone requests one router may have on one replica's thread lane at once; more
 # take the channel (daskserve/lane.py).
 LANE_CONNECTIONS = 4
+# Requests per message to a replica in another process (a batched backend's full
+# batch still travels in one). With one message per loop tick, the proxy and the
+# replica took turns under load: the replica idled while the proxy read a burst,
+# then the proxy idled while the replica ran all of it. Smaller messages let the
+# replica start on a burst's first part, and its answers come back while the proxy
+# still reads the rest (benchmarks/RESULTS.md, "Messages of at most 8 requests").
+MESSAGE_REQUESTS = 8
 
 
 class Query:
@@ -73,7 +80,8 @@ class Query:
     def __init__(self, endpoint: str, *, wire: WireRequest | None = None,
                  method: str = "__call__",
                  args: tuple = (), kwargs: dict | None = None, shard_key: Any = None,
-                 future: asyncio.Future | None = None, near: str | None = None):
+                 future: asyncio.Future | None = None, near: str | None = None,
+                 trace: Any = None):
         self.endpoint = endpoint
         self.backend: str | None = None
         self.wire = wire
@@ -84,7 +92,7 @@ class Query:
         self.future = future  # None for shadow copies: nobody waits for them
         self.excluded: set[str] = set()
         self.attempts = 0
-        self.trace = metrics.access_trace() if future is not None else None  # observability
+        self.trace = trace  # observability: the access log's, for a proxy's request
         self.link: ReplicaLink | None = None
         self.ticket: int | None = None
         self.index = 0
@@ -129,15 +137,16 @@ def failure_response(exc: BaseException, **extra: Any) -> WireResponse:
 class ReplicaLink:
     """Queue of queries bound for one replica, flushed once per loop tick.
 
-    Every query sent to a replica in the same tick is collected and leaves as a single
-    message; the reply carries the results that finished first, and the rest are
-    collected under the message's ticket, so a slow query never delays its fast
-    companions. This is the transport-level coalescing (never one Dask call per
+    The queries sent to a replica in the same tick are collected and leave together,
+    in messages of at most ``message_requests``; each reply carries the results that
+    finished first, and the rest are collected under the message's ticket, so a slow
+    query never delays its fast companions. This is the transport-level coalescing (never one Dask call per
     request); it is independent of the user-visible batching a replica may do on top.
     Cancellations of abandoned queries are coalesced the same way.
     """
 
-    __slots__ = ("backend", "tag", "address", "in_flight", "_channels", "_pending",
+    __slots__ = ("backend", "tag", "address", "in_flight", "message_requests",
+                 "_channels", "_pending",
                  "_flush_scheduled", "_on_done", "_tickets", "_cancels", "_connecting",
                  "_retired", "_lane_methods", "_lanes", "_lanes_busy")
 
@@ -147,6 +156,7 @@ class ReplicaLink:
         self.tag = tag
         self.address = address
         self.in_flight = 0
+        self.message_requests = MESSAGE_REQUESTS  # the router sets it per backend
         self._channels = channels
         self._pending: list[Query] = []
         self._flush_scheduled = False
@@ -229,6 +239,12 @@ class ReplicaLink:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         self._flush_scheduled = False
+        size = self.message_requests
+        if len(batch) > size and in_process(self.address) is None:
+            # A replica in this process shares its loop: splitting buys no overlap.
+            for start in range(size, len(batch), size):
+                spawn(self._exchange(batch[start:start + size]))
+            batch = batch[:size]
         await self._exchange(batch)
 
     def _flush_cancels(self) -> None:
@@ -627,6 +643,9 @@ class Router:
             links = [self._links.get(r["tag"]) or ReplicaLink(tag, r["tag"], r["address"],
                                                               self._channels, self._done)
                      for r in spec["replicas"]]
+            message_requests = max(MESSAGE_REQUESTS, spec.get("max_batch_size") or 1)
+            for link in links:
+                link.message_requests = message_requests
             previous = old_backends.get(tag)
             backends[tag] = _Backend(tag, spec, links,
                                      previous.queue if previous else _WaitQueue())
@@ -883,24 +902,29 @@ class Router:
             self._release_waiting(backend)
 
     # -- entry points ---------------------------------------------------------------
-    def submit_http(self, endpoint: str, wire: WireRequest,
-                    shard_key: str | None) -> Query:
-        """Route an HTTP request; await its answer with ``answer``. The proxy holds
-        the query so that it can abandon it when the client leaves."""
+    def submit_http(self, endpoint: str, wire: WireRequest, shard_key: str | None,
+                    trace: Any = None) -> Query:
+        """Route an HTTP request; its future gets the answer. The proxy holds the
+        query so that it can abandon it when the client leaves."""
         query = Query(endpoint, wire=wire, shard_key=shard_key,
-                      future=asyncio.get_running_loop().create_future())
+                      future=asyncio.get_running_loop().create_future(), trace=trace)
         self.submit(query)
         return query
 
+    def expire_after(self, query: Query, timeout: float | None) -> asyncio.TimerHandle | None:
+        """Answer ``query`` 504 and abandon it if nothing answered it within
+        ``timeout`` seconds; cancel the returned timer once it is answered."""
+        if timeout is None or query.future.done():
+            return None
+        return asyncio.get_running_loop().call_later(timeout, self._expire, query, timeout)
+
     async def answer(self, query: Query, timeout: float | None = None) -> WireResponse:
-        future = query.future
-        if timeout is None or future.done():
-            return await future
-        timer = asyncio.get_running_loop().call_later(timeout, self._expire, query, timeout)
+        timer = self.expire_after(query, timeout)
         try:
-            return await future
+            return await query.future
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     async def http(self, endpoint: str, wire: WireRequest, shard_key: str | None,
                    timeout: float | None = None) -> WireResponse:

@@ -365,6 +365,7 @@ def routing_table(epoch: str, version: int, desired: DesiredState,
         "backends": {
             tag: {"max_concurrent_queries": spec.config["max_concurrent_queries"],
                   **BackendConfig.queue_limits(spec.config),
+                  "max_batch_size": spec.config.get("max_batch_size"),
                   "replicas": [{"tag": r.tag, "address": r.address}
                                for r in observed.running(tag)]}
             for tag, spec in desired.backends.items()
