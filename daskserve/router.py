@@ -140,15 +140,16 @@ class ReplicaLink:
     The queries sent to a replica in the same tick are collected and leave together,
     in messages of at most ``message_requests``; each reply carries the results that
     finished first, and the rest are collected under the message's ticket, so a slow
-    query never delays its fast companions. This is the transport-level coalescing (never one Dask call per
-    request); it is independent of the user-visible batching a replica may do on top.
-    Cancellations of abandoned queries are coalesced the same way.
+    query never delays its fast companions. This is the transport-level coalescing
+    (never one Dask call per request); it is independent of the user-visible batching
+    a replica may do on top. Cancellations of abandoned queries are coalesced the same
+    way.
     """
 
     __slots__ = ("backend", "tag", "address", "in_flight", "message_requests",
-                 "_channels", "_pending",
-                 "_flush_scheduled", "_on_done", "_tickets", "_cancels", "_connecting",
-                 "_retired", "_lane_methods", "_lanes", "_lanes_busy")
+                 "_channels", "_pending", "_flush_scheduled", "_on_done", "_tickets",
+                 "_cancels", "_connecting", "_retired", "_lane_methods", "_lanes",
+                 "_lanes_busy")
 
     def __init__(self, backend: str, tag: str, address: str, channels: ChannelPool,
                  on_done: Callable[["ReplicaLink", list, bool], None]):
