@@ -6,8 +6,10 @@ test can never answer for the next one.
 from __future__ import annotations
 
 import math
+import os
 import random
 import socket
+import subprocess
 import time
 
 import pytest
@@ -49,6 +51,41 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError("no free port outside the ephemeral range")
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn_logged(args: list, log_path, env: dict | None = None) -> tuple:
+    """Start ``args`` from the repository root with its output in ``log_path``.
+
+    Returns the process and the open log file; the test closes both. Output goes to a
+    file, not a pipe, so that a chatty process can never block on a full pipe."""
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return proc, log
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited 15 s later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def close_all(dask_client: Client | None, processes: list, logs: list) -> None:
+    """Close a test's client, if any, then stop its processes (last started first)."""
+    if dask_client is not None:
+        dask_client.close(timeout=10)
+    for proc in reversed(processes):
+        stop_process(proc)
+    for log in logs:
+        log.close()
 
 
 def wait_until(predicate, timeout: float = 60, interval: float = 0.05,

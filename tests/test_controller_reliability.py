@@ -22,11 +22,11 @@ import requests
 from distributed import Client, LocalCluster
 
 import daskserve as serve
-from conftest import free_port, wait_until
+from conftest import (REPO_ROOT, close_all, free_port, spawn_logged, stop_process,
+                      wait_until)
 
 TIMEOUT = 30  # safety limit for every remote result and HTTP request
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
 IN_FLIGHT = 30
 
 
@@ -109,23 +109,6 @@ def _port_refuses(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _spawn(args: list, log_path, env: dict | None = None) -> tuple:
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    return proc, log
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
 # The tests directory on PYTHONPATH lets subprocess workers import this module's backends.
 WORKER_ENV = {"PYTHONPATH": os.pathsep.join(
     p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)}
@@ -141,10 +124,14 @@ def _worker_args(address: str, *extra: str) -> list:
             "--no-dashboard", "--host", "127.0.0.1", *extra]
 
 
-def _hold_and_release(dask_client: Client, url: str, gate: str, stop, port: int) -> list:
-    """Send IN_FLIGHT requests that the gated backend holds, call ``stop`` (which must
-    begin a shutdown), wait until the proxy refuses new connections, open the gate,
-    and return every request's outcome."""
+def _hold_and_release(dask_client: Client, client, port: int, stop) -> list:
+    """Serve a gated backend at ``/gated``, send IN_FLIGHT requests that it holds, call
+    ``stop`` (which must begin a shutdown), wait until the proxy on ``port`` refuses new
+    connections, open the gate, and return every request's outcome."""
+    gate = uuid.uuid4().hex
+    client.create_backend("gated", Gated, gate)
+    client.create_endpoint("gated", backend="gated", route="/gated")
+    url = f"http://127.0.0.1:{port}/gated"
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
         replies = [pool.submit(_get, url) for _ in range(IN_FLIGHT)]
         wait_until(lambda: _arrivals(dask_client, gate) == IN_FLIGHT, timeout=TIMEOUT,
@@ -159,19 +146,14 @@ def _hold_and_release(dask_client: Client, url: str, gate: str, stop, port: int)
 # -- shutdown finishes in-flight HTTP requests ---------------------------------------------
 def test_shutdown_finishes_in_flight_http_requests(dask_client, http_port):
     client = serve.start(dask_client, http_options={"port": http_port})
-    gate = uuid.uuid4().hex
     stopper = ThreadPoolExecutor(1)
     stopping = None
     try:
-        client.create_backend("gated", Gated, gate)
-        client.create_endpoint("gated", backend="gated", route="/gated")
-
         def stop():
             nonlocal stopping
             stopping = stopper.submit(client.shutdown)
 
-        outcomes = _hold_and_release(dask_client, f"http://127.0.0.1:{http_port}/gated",
-                                     gate, stop, http_port)
+        outcomes = _hold_and_release(dask_client, client, http_port, stop)
         stopping.result(timeout=3 * TIMEOUT)
     finally:
         if stopping is None:
@@ -183,8 +165,9 @@ def test_shutdown_finishes_in_flight_http_requests(dask_client, http_port):
 @pytest.mark.slow
 def test_sigterm_of_cli_start_finishes_in_flight_http_requests(tmp_path):
     port = free_port()
-    cli, log = _spawn([sys.executable, "-m", "daskserve.cli", "start", "--port", str(port)],
-                      tmp_path / "cli.log", env=WORKER_ENV)
+    cli, log = spawn_logged(
+        [sys.executable, "-m", "daskserve.cli", "start", "--port", str(port)],
+        tmp_path / "cli.log", env=WORKER_ENV)
     dask_client = None
     try:
         def scheduler_address():
@@ -198,19 +181,14 @@ def test_sigterm_of_cli_start_finishes_in_flight_http_requests(tmp_path):
 
         address = wait_until(scheduler_address, timeout=90, what="daskserve start")
         dask_client = Client(address, timeout=TIMEOUT, set_as_default=False)
-        client = serve.connect(dask_client)
-        gate = uuid.uuid4().hex
-        client.create_backend("gated", Gated, gate)
-        client.create_endpoint("gated", backend="gated", route="/gated")
-
-        outcomes = _hold_and_release(dask_client, f"http://127.0.0.1:{port}/gated", gate,
-                                     lambda: cli.send_signal(signal.SIGTERM), port)
+        outcomes = _hold_and_release(dask_client, serve.connect(dask_client), port,
+                                     lambda: cli.send_signal(signal.SIGTERM))
         assert outcomes == [(200, "released")] * IN_FLIGHT
         assert cli.wait(timeout=3 * TIMEOUT) == 0
     finally:
         if dask_client is not None:
             dask_client.close(timeout=10)
-        _stop(cli)
+        stop_process(cli)
         log.close()
 
 
@@ -221,31 +199,22 @@ def test_sigterm_of_preloaded_scheduler_finishes_in_flight_http_requests(tmp_pat
     processes, logs = [], []
     dask_client = None
     try:
-        scheduler, log = _spawn(_scheduler_args(port, "--serve-http-port", str(http_port)),
-                                tmp_path / "scheduler.log")
+        scheduler, log = spawn_logged(
+            _scheduler_args(port, "--serve-http-port", str(http_port)), tmp_path / "scheduler.log")
         processes.append(scheduler)
         logs.append(log)
-        worker, log = _spawn(_worker_args(address), tmp_path / "worker.log", env=WORKER_ENV)
+        worker, log = spawn_logged(_worker_args(address), tmp_path / "worker.log",
+                                   env=WORKER_ENV)
         processes.append(worker)
         logs.append(log)
         dask_client = Client(address, timeout=60, set_as_default=False)
         dask_client.wait_for_workers(1, timeout=60)
-        client = serve.connect(dask_client)
-        gate = uuid.uuid4().hex
-        client.create_backend("gated", Gated, gate)
-        client.create_endpoint("gated", backend="gated", route="/gated")
-
-        outcomes = _hold_and_release(dask_client, f"http://127.0.0.1:{http_port}/gated", gate,
-                                     lambda: scheduler.send_signal(signal.SIGTERM), http_port)
+        outcomes = _hold_and_release(dask_client, serve.connect(dask_client), http_port,
+                                     lambda: scheduler.send_signal(signal.SIGTERM))
         assert outcomes == [(200, "released")] * IN_FLIGHT
         scheduler.wait(timeout=3 * TIMEOUT)
     finally:
-        if dask_client is not None:
-            dask_client.close(timeout=10)
-        for proc in reversed(processes):
-            _stop(proc)
-        for log in logs:
-            log.close()
+        close_all(dask_client, processes, logs)
 
 
 # -- a restarted scheduler's routing tables replace the old instance's ---------------------
@@ -293,7 +262,7 @@ def test_router_replaces_its_table_when_the_scheduler_restarts(tmp_path):
     dask_client = driver = None
 
     def start(name, argv, env=None):
-        proc, log = _spawn(argv, tmp_path / f"{name}.log", env)
+        proc, log = spawn_logged(argv, tmp_path / f"{name}.log", env)
         processes.append(proc)
         logs.append(log)
         return proc
@@ -346,13 +315,8 @@ def test_router_replaces_its_table_when_the_scheduler_restarts(tmp_path):
     finally:
         if driver is not None:
             driver.send_signal(signal.SIGCONT)
-            _stop(driver)
-        if dask_client is not None:
-            dask_client.close(timeout=10)
-        for proc in reversed(processes):
-            _stop(proc)
-        for log in logs:
-            log.close()
+            stop_process(driver)
+        close_all(dask_client, processes, logs)
 
 
 def test_handle_of_a_previous_instance_does_not_wait_for_its_versions(dask_client):
@@ -430,8 +394,8 @@ def test_every_node_proxy_moves_to_another_worker_of_its_host(tmp_path):
         client = None
         try:
             for i in range(3):
-                proc, log = _spawn(_worker_args(cluster.scheduler_address, "--no-nanny"),
-                                   tmp_path / f"worker-{i}.log", WORKER_ENV)
+                proc, log = spawn_logged(_worker_args(cluster.scheduler_address, "--no-nanny"),
+                                         tmp_path / f"worker-{i}.log", WORKER_ENV)
                 processes.append(proc)
                 logs.append(log)
             dask_client.wait_for_workers(3, timeout=60)
@@ -462,10 +426,7 @@ def test_every_node_proxy_moves_to_another_worker_of_its_host(tmp_path):
         finally:
             if client is not None:
                 client.shutdown()
-            for proc in processes:
-                _stop(proc)
-            for log in logs:
-                log.close()
+            close_all(None, processes, logs)
 
 
 # -- the dashboard of a cluster daskserve starts listens on loopback -----------------------

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
 import threading
 
@@ -13,10 +11,9 @@ import requests
 from distributed import Client, LocalCluster
 
 import daskserve as serve
-from conftest import free_port, wait_until
+from conftest import close_all, free_port, spawn_logged, wait_until
 
 TIMEOUT = 30  # safety limit for every remote result and HTTP request
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def square(x):
@@ -251,22 +248,6 @@ def test_every_node_location_serves_http(dask_client, http_port):
 
 
 # -- the scheduler preload ------------------------------------------------------------------
-def _spawn(args, log_path):
-    log = open(log_path, "wb")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}), log
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
 @pytest.mark.slow
 def test_scheduler_preload_starts_an_instance(tmp_path, http_port):
     scheduler_file = tmp_path / "scheduler.json"
@@ -274,7 +255,7 @@ def test_scheduler_preload_starts_an_instance(tmp_path, http_port):
     logs = []
     dask_client = None
     try:
-        scheduler, log = _spawn(
+        scheduler, log = spawn_logged(
             [sys.executable, "-m", "distributed.cli.dask_scheduler",
              "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
              "--scheduler-file", str(scheduler_file),
@@ -293,7 +274,7 @@ def test_scheduler_preload_starts_an_instance(tmp_path, http_port):
         wait_until(scheduler_ready, timeout=60, what="scheduler file written")
         address = json.loads(scheduler_file.read_text())["address"]
 
-        worker, log = _spawn(
+        worker, log = spawn_logged(
             [sys.executable, "-m", "distributed.cli.dask_worker", address,
              "--nthreads", "2", "--nworkers", "1", "--no-dashboard", "--host", "127.0.0.1"],
             tmp_path / "worker.log")
@@ -332,9 +313,4 @@ def test_scheduler_preload_starts_an_instance(tmp_path, http_port):
         assert requests.get(f"{base_url}/cube", params={"x": "2"},
                             timeout=TIMEOUT).json() == {"cube": 8}
     finally:
-        if dask_client is not None:
-            dask_client.close()
-        for proc in reversed(processes):
-            _stop(proc)
-        for log in logs:
-            log.close()
+        close_all(dask_client, processes, logs)
