@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from daskserve.channel import Channel, ChannelError, ChannelServer
+from daskserve.channel import HEADER, Channel, ChannelError, ChannelServer, frame, unpack
 
 
 async def _serve(handlers):
@@ -132,3 +133,23 @@ def test_a_transport_the_loop_closed_counts_as_closed_before_the_reader_knows():
         await server.stop()
 
     asyncio.run(main())
+
+
+def test_frames_stay_whole_from_many_threads_and_after_a_failed_pack():
+    """Each thread reuses one packer: a payload msgpack refuses must leave nothing
+    behind in it, and threads must never share one."""
+
+    def decoded(payload):
+        data = frame(payload)
+        (size,) = HEADER.unpack(data[:HEADER.size])
+        assert size == len(data) - HEADER.size
+        return unpack(data[HEADER.size:])
+
+    def in_one_thread(n):
+        with pytest.raises(TypeError):
+            frame([n, object()])
+        return [decoded([n, i, b"x" * i]) for i in range(200)]
+
+    with ThreadPoolExecutor(8) as pool:
+        for n, frames in enumerate(pool.map(in_one_thread, range(8))):
+            assert frames == [(n, i, b"x" * i) for i in range(200)]
