@@ -68,9 +68,12 @@ def run_wrk(url: str, connections: int, duration: float,
     """One wrk run. wrk leaves requests slower than ``timeout`` (its default: 2 s) out
     of the latency percentiles and counts them under ``timeouts`` instead."""
     limit = [f"--timeout={timeout:g}s"] if timeout is not None else []
-    out = subprocess.run([ensure_wrk(), "-t1", f"-c{connections}", f"-d{duration:g}s",
-                          "--latency", *limit, url],
-                         capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([ensure_wrk(), "-t1", f"-c{connections}", f"-d{duration:g}s",
+                           "--latency", *limit, url], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"wrk -c{connections} {url} exited {done.returncode}:\n"
+                           f"{done.stdout}{done.stderr}")
+    out = done.stdout
 
     def latency(pct: str) -> float:
         value, unit = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
