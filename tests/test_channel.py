@@ -137,7 +137,7 @@ def test_a_transport_the_loop_closed_counts_as_closed_before_the_reader_knows():
 
 def test_frames_stay_whole_from_many_threads_and_after_a_failed_pack():
     """Each thread reuses one packer: a payload msgpack refuses must leave nothing
-    behind in it, and threads must never share one."""
+    behind in it for that thread's next frame."""
 
     def decoded(payload):
         data = frame(payload)
