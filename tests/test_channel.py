@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+
+import dask
 
 import pytest
 
@@ -153,3 +158,31 @@ def test_frames_stay_whole_from_many_threads_and_after_a_failed_pack():
     with ThreadPoolExecutor(8) as pool:
         for n, frames in enumerate(pool.map(in_one_thread, range(8))):
             assert frames == [(n, i, b"x" * i) for i in range(200)]
+
+
+# Frames 2,000 messages and prints how many new pages of memory that touched.
+_FRAMING = """
+import resource
+from daskserve.channel import frame
+payload = [7, "call", {"replica": "b#1", "ticket": 1, "calls": b"x" * 200}]
+for _ in range(100):
+    frame(payload)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2000):
+    frame(payload)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_framing_in_a_nanny_started_worker_maps_no_memory_per_frame():
+    """Dask's nanny sets glibc's malloc options for its workers, which pins glibc's
+    mmap threshold at 128 KiB. A frame that needs a bigger buffer (a fresh
+    ``msgpack.packb`` takes 256 KiB) then maps fresh memory, and faults its first page
+    in, every time. One page fault per frame is what the per-frame packer cost."""
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ")
+    done = subprocess.run([sys.executable, "-c", _FRAMING], capture_output=True, text=True,
+                          env={**os.environ, **{k: str(v) for k, v in environ.items()}},
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 200  # 2,000 with a packer per frame
